@@ -1,0 +1,227 @@
+//! The command line: flags, dispatch, and everything that prints.
+
+mod report;
+mod summary;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{Config, ToolchainSource};
+use crate::engine::{Engine, EngineKind};
+use crate::pipeline;
+use crate::plan::Plan;
+use crate::process;
+use crate::progress::Status;
+use crate::state::Layout;
+pub use report::ProgressMode;
+
+const ABOUT: &str = "kmodforge: build out-of-tree kernel modules into KMM kmod images";
+const LONG_ABOUT: &str = "\
+kmodforge: build out-of-tree kernel modules into KMM kmod images.
+
+kernels.toml lists the kernels to support (as `uname -r` prints them) and the
+toolchain image that builds for each; modules/ holds the modules (C or
+Rust-for-Linux). `build-all` compiles every module for every kernel in containers,
+runs depmod, and leaves <out>/<kver>/lib/modules/<kver>/ ready for an image.";
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = ABOUT, long_about = LONG_ABOUT, version)]
+struct Cli {
+    /// The inventory to read; modules/ and images/ are found beside it.
+    #[arg(long, global = true, env = "KMODFORGE_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    /// Container engine [default: podman if on PATH, else docker].
+    #[arg(long, global = true, env = "KMODFORGE_ENGINE", value_enum)]
+    engine: Option<EngineKind>,
+
+    /// Output directory [default: out/ beside kernels.toml].
+    #[arg(long, global = true, env = "KMODFORGE_OUT", value_name = "DIR")]
+    out: Option<PathBuf>,
+
+    /// How to show progress.
+    #[arg(long, global = true, value_enum, default_value = "auto")]
+    progress: ProgressMode,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Build every module for every kernel in kernels.toml, then run depmod per kernel.
+    ///
+    /// Jobs run in parallel in the kernels' toolchain containers (no network, sources
+    /// read-only). Unchanged inputs are not rebuilt; one failed job does not stop the
+    /// others. Logs: <out>/logs/<kver>/<job>.log.
+    BuildAll(BuildArgs),
+    /// Build every module for one kernel, then run depmod for it.
+    Build {
+        /// The kernel version, exactly as listed in kernels.toml.
+        #[arg(long, value_name = "KVER")]
+        kernel: String,
+        #[command(flatten)]
+        args: BuildArgs,
+    },
+    /// Print the plan: each kernel, its toolchain, and the modules built for it.
+    Plan,
+}
+
+#[derive(Args)]
+struct BuildArgs {
+    /// How many jobs run at once [default: the number of CPUs].
+    #[arg(short, long, value_name = "N")]
+    jobs: Option<usize>,
+
+    /// Fail at once, instead of waiting, when another run holds the output directory.
+    #[arg(long)]
+    no_wait: bool,
+}
+
+/// The workspace root: where kernels.toml lives unless --config says otherwise.
+fn project_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask/ is inside the workspace")
+        .to_path_buf()
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    let config_path = cli
+        .config
+        .clone()
+        .unwrap_or_else(|| project_root().join("kernels.toml"));
+    let config = Config::load(&config_path)?;
+    let out = cli.out.clone().unwrap_or_else(|| config.root.join("out"));
+    match &cli.command {
+        Command::BuildAll(args) => build(&cli, &config, &out, None, args),
+        Command::Build { kernel, args } => build(&cli, &config, &out, Some(kernel), args),
+        Command::Plan => {
+            print_plan(&Plan::new(&config, None)?);
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn build(
+    cli: &Cli,
+    config: &Config,
+    out: &Path,
+    kernel: Option<&str>,
+    args: &BuildArgs,
+) -> Result<ExitCode> {
+    let plan = Plan::new(config, kernel)?;
+    let engine = Arc::new(Engine::detect(cli.engine)?);
+    let layout = Layout::new(out)?;
+    let reporter = report::reporter(cli.progress);
+    let _lock = layout.lock(!args.no_wait, |msg| reporter.note(msg))?;
+    on_interrupt(engine.clone());
+
+    let jobs = args
+        .jobs
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+    let report = pipeline::build(&plan, &engine, &layout, jobs, reporter.as_ref())?;
+
+    let ran = report
+        .jobs
+        .iter()
+        .any(|j| !matches!(j.status, Status::Fresh));
+    if ran {
+        print!("{}", summary::table(&plan, &report));
+    } else {
+        println!(
+            "nothing to do: all {} jobs are up to date",
+            report.jobs.len()
+        );
+    }
+    for j in &report.jobs {
+        if let Status::Skipped(why) = &j.status {
+            eprintln!("note: {} skipped: {why}", j.label);
+        }
+    }
+    for j in report.failures() {
+        eprintln!(
+            "\nerror: {} failed: {}",
+            j.label,
+            indent(match &j.status {
+                Status::Failed(m) => m,
+                _ => unreachable!(),
+            })
+        );
+    }
+    if process::cancelled() {
+        eprintln!("\ninterrupted: containers of this run were removed; finished outputs are kept");
+        return Ok(ExitCode::from(130));
+    }
+    let bad = report.not_ok();
+    if bad > 0 {
+        let failed = report.failures().count();
+        eprintln!(
+            "\n{failed} of {} jobs failed ({} not built as a result); outputs of the kernels involved were left as they were",
+            report.jobs.len(),
+            bad - failed
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    println!("staging trees: {}", crate::diag::display_path(&layout.out));
+    Ok(ExitCode::SUCCESS)
+}
+
+fn indent(text: &str) -> String {
+    text.replace('\n', "\n  ")
+}
+
+/// On Ctrl-C: stop every program, remove this run's containers; a second Ctrl-C exits.
+fn on_interrupt(engine: Arc<Engine>) {
+    static ONCE: AtomicBool = AtomicBool::new(false);
+    let _ = ctrlc::set_handler(move || {
+        if ONCE.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!(
+            "\ninterrupted: stopping jobs and removing containers (Ctrl-C again to quit at once)"
+        );
+        process::cancel_all();
+        engine.remove_run_containers();
+    });
+}
+
+fn print_plan(plan: &Plan) {
+    for kp in &plan.kernels {
+        let tc = match &kp.toolchain.source {
+            ToolchainSource::Recipe(r) => {
+                format!("recipe {}", crate::diag::display_path(&r.containerfile))
+            }
+            ToolchainSource::Image(i) => format!("image {i}"),
+        };
+        println!("{}  (toolchain {}: {tc})", kp.kver(), kp.toolchain.name);
+        for m in &kp.modules {
+            let deps = if m.depends.is_empty() {
+                String::new()
+            } else {
+                format!(" (needs {})", m.depends.join(", "))
+            };
+            println!("  build {}{deps}", m.name);
+        }
+        for m in &kp.excluded {
+            println!("  not built: {}", m.name);
+        }
+    }
+    println!("{} jobs", plan.jobs.len());
+}

@@ -1,0 +1,664 @@
+//! kernels.toml: the kernels to build for, the toolchains that build them, and defaults.
+//!
+//! Parsing is strict (unknown keys are errors) and every problem is reported at its
+//! `file:line:col`. The result, [`Config`], is fully validated: later steps never see a
+//! kernel without a toolchain or a module name that is not a folder in `modules/`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::LazyLock;
+
+use anyhow::Result;
+use regex::Regex;
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::diag::{Diagnostic, Diagnostics, Location, Source, display_path};
+use crate::modules::{self, Module};
+use crate::template::Vars;
+
+/// The validated contents of kernels.toml plus the modules found beside it.
+#[derive(Debug)]
+pub struct Config {
+    /// The kernels.toml file itself.
+    pub path: PathBuf,
+    /// The folder that holds kernels.toml, `modules/` and `images/`.
+    pub root: PathBuf,
+    pub kernels: Vec<Kernel>,
+    pub toolchains: BTreeMap<String, Toolchain>,
+    pub modules: Vec<Module>,
+}
+
+/// One kernel to build for.
+#[derive(Debug, Clone)]
+pub struct Kernel {
+    /// The full version string, as `uname -r` prints it.
+    pub version: String,
+    /// Name of the toolchain (a key of `[toolchains]`).
+    pub toolchain: String,
+    /// When set, only these modules are built for this kernel.
+    pub modules: Option<BTreeSet<String>>,
+    /// Where the kernel's `version` is written, for errors found later (a missing
+    /// headers package, say).
+    pub at: Location,
+}
+
+/// A DTK-style image: one kernel's headers, its compiler, make and kmod.
+#[derive(Debug, Clone)]
+pub struct Toolchain {
+    pub name: String,
+    pub source: ToolchainSource,
+    /// Where the kernel's build tree (kernel-devel) is inside the image; may use
+    /// `${KERNEL_FULL_VERSION}`.
+    pub kernel_source_dir: String,
+}
+
+#[derive(Debug, Clone)]
+pub enum ToolchainSource {
+    /// A Containerfile that kmodforge builds once per kernel, with the build arg
+    /// `KERNEL_FULL_VERSION` (and `BASE_IMAGE` when a base is given).
+    Recipe(Recipe),
+    /// A prebuilt image reference (the real Driver Toolkit, say); may use KMM's
+    /// kernel variables.
+    Image(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct Recipe {
+    pub containerfile: PathBuf,
+    /// The build context: the folder that holds the Containerfile.
+    pub context: PathBuf,
+    pub base: Option<Base>,
+    pub build_args: BTreeMap<String, String>,
+}
+
+/// The image a recipe starts `FROM`, passed to it as the build arg `BASE_IMAGE`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Base {
+    pub image: String,
+    /// How to make `image` from the Debian archive when it is not in local storage;
+    /// without it the engine pulls `image` from its registry.
+    pub bootstrap: Option<Bootstrap>,
+}
+
+/// An mmdebstrap run that makes a base image without any container registry.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Bootstrap {
+    /// The Debian suite, e.g. `bookworm`.
+    pub suite: String,
+    /// APT source lines; empty means mmdebstrap's default mirror.
+    #[serde(default)]
+    pub sources: Vec<String>,
+    /// Extra packages to put in the base.
+    #[serde(default)]
+    pub include: Vec<String>,
+    /// mmdebstrap's `--variant`.
+    #[serde(default = "default_variant")]
+    pub variant: String,
+}
+
+fn default_variant() -> String {
+    "apt".into()
+}
+
+pub const DEFAULT_KERNEL_SOURCE_DIR: &str = "/lib/modules/${KERNEL_FULL_VERSION}/build";
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawFile {
+    #[serde(default)]
+    defaults: RawDefaults,
+    #[serde(default)]
+    toolchains: BTreeMap<String, Spanned<RawToolchain>>,
+    #[serde(default)]
+    kernel: Vec<Spanned<RawKernel>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawDefaults {
+    toolchain: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawToolchain {
+    recipe: Option<Spanned<String>>,
+    image: Option<Spanned<String>>,
+    base: Option<Spanned<String>>,
+    bootstrap: Option<Spanned<Bootstrap>>,
+    #[serde(default)]
+    build_args: BTreeMap<String, String>,
+    kernel_source_dir: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawKernel {
+    version: Spanned<String>,
+    toolchain: Option<Spanned<String>>,
+    modules: Option<Vec<Spanned<String>>>,
+}
+
+static KVER: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"^[0-9]+\.[0-9]+[A-Za-z0-9._+~-]*$").unwrap());
+static TOOLCHAIN_NAME: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"^[a-z0-9][a-z0-9_-]*$").unwrap());
+
+impl Config {
+    /// Reads kernels.toml at `path` and the modules in `modules/` beside it.
+    pub fn load(path: &Path) -> Result<Config> {
+        let path = std::path::absolute(path)?;
+        let source = Source::read(&path)?;
+        let root = path.parent().unwrap_or(Path::new("/")).to_path_buf();
+        let modules = modules::discover(&root.join("modules"))?;
+        Ok(Config::from_source(&source, &root, modules)?)
+    }
+
+    fn from_source(
+        source: &Source,
+        root: &Path,
+        modules: Vec<Module>,
+    ) -> Result<Config, Diagnostics> {
+        let raw: RawFile = source.parse()?;
+        let mut diags = Diagnostics::default();
+        let err = |span: &Range<usize>, msg: String| source.error(span, msg);
+
+        let mut toolchains = BTreeMap::new();
+        for (name, t) in &raw.toolchains {
+            if !TOOLCHAIN_NAME.is_match(name) {
+                diags.push(
+                    err(&t.span(), format!("toolchain name {name:?} is not valid"))
+                        .help("use lowercase letters, digits, '-' and '_' (it becomes part of an image name)"),
+                );
+                continue;
+            }
+            match toolchain(source, root, name, t) {
+                Ok(tc) => {
+                    toolchains.insert(name.clone(), tc);
+                }
+                Err(d) => diags.push(d),
+            }
+        }
+
+        let default_toolchain = raw.defaults.toolchain.as_ref();
+        if let Some(t) = default_toolchain
+            && !raw.toolchains.contains_key(t.get_ref())
+        {
+            diags.push(unknown_toolchain(source, t, &raw.toolchains));
+        }
+
+        if raw.kernel.is_empty() {
+            diags.push(
+                Diagnostic::new(format!("{} lists no kernels", display_path(&source.path)))
+                    .help("add a [[kernel]] table with version = \"<uname -r of the kernel>\""),
+            );
+        }
+
+        let module_names: BTreeSet<&str> = modules.iter().map(|m| m.name.as_str()).collect();
+        let mut seen: BTreeMap<String, Location> = BTreeMap::new();
+        let mut kernels = Vec::new();
+        for k in &raw.kernel {
+            let version = &k.get_ref().version;
+            let kver = version.get_ref().trim();
+            let at = source.location(&version.span());
+            if kver.is_empty() {
+                diags.push(
+                    err(&version.span(), "kernel version is empty".into())
+                        .help("write the full version string that `uname -r` prints on the node, e.g. \"6.1.0-47-amd64\""),
+                );
+                continue;
+            }
+            if !KVER.is_match(kver) {
+                diags.push(
+                    err(&version.span(), format!("{kver:?} is not a kernel version string"))
+                        .help("write the full version string that `uname -r` prints, e.g. \"6.12.117+deb12-amd64\" or \"5.14.0-427.13.1.el9_4.x86_64\""),
+                );
+                continue;
+            }
+            if let Some(first) = seen.get(kver) {
+                diags.push(
+                    err(&version.span(), format!("kernel {kver} is listed twice")).help(format!(
+                        "it is first listed at {first}; remove one of the two"
+                    )),
+                );
+                continue;
+            }
+            seen.insert(kver.to_string(), at.clone());
+
+            let toolchain = match k.get_ref().toolchain.as_ref().or(default_toolchain) {
+                Some(t) if raw.toolchains.contains_key(t.get_ref()) => t.get_ref().clone(),
+                Some(t) => {
+                    // A bad default is reported once, above.
+                    if k.get_ref().toolchain.is_some() {
+                        diags.push(unknown_toolchain(source, t, &raw.toolchains));
+                    }
+                    continue;
+                }
+                None => {
+                    diags.push(
+                        err(&k.span(), format!("kernel {kver} has no toolchain"))
+                            .help("set toolchain = \"<name>\" here or in [defaults]"),
+                    );
+                    continue;
+                }
+            };
+
+            let mut selected = None;
+            if let Some(list) = &k.get_ref().modules {
+                let mut set = BTreeSet::new();
+                for m in list {
+                    if let Err(d) = check_module_ref(source, m, &module_names) {
+                        diags.push(d);
+                    } else {
+                        set.insert(m.get_ref().clone());
+                    }
+                }
+                selected = Some(set);
+            }
+            kernels.push(Kernel {
+                version: kver.to_string(),
+                toolchain,
+                modules: selected,
+                at,
+            });
+        }
+
+        diags.into_result()?;
+        let config = Config {
+            path: source.path.clone(),
+            root: root.to_path_buf(),
+            kernels,
+            toolchains,
+            modules,
+        };
+        config.check_module_selection()?;
+        Ok(config)
+    }
+
+    pub fn kernel(&self, kver: &str) -> Result<&Kernel> {
+        self.kernels
+            .iter()
+            .find(|k| k.version == kver)
+            .ok_or_else(|| {
+                let known: Vec<&str> = self.kernels.iter().map(|k| k.version.as_str()).collect();
+                anyhow::anyhow!(
+                    "kernel {kver:?} is not listed in {}\n  help: listed kernels: {}",
+                    display_path(&self.path),
+                    known.join(", ")
+                )
+            })
+    }
+
+    pub fn module(&self, name: &str) -> Option<&Module> {
+        self.modules.iter().find(|m| m.name == name)
+    }
+
+    /// The modules to build for `kernel`, in dependency order (exporters before users).
+    pub fn modules_for(&self, kernel: &Kernel) -> Vec<&Module> {
+        let mut out: Vec<&Module> = Vec::new();
+        for m in modules::dependency_order(&self.modules) {
+            if self.selects(kernel, m) {
+                out.push(m);
+            }
+        }
+        out
+    }
+
+    /// Whether `module` is built for `kernel`: the kernel's `modules` list and the
+    /// module's `kernels` expression both allow it.
+    pub fn selects(&self, kernel: &Kernel, module: &Module) -> bool {
+        kernel
+            .modules
+            .as_ref()
+            .is_none_or(|s| s.contains(&module.name))
+            && module
+                .kernels
+                .as_ref()
+                .is_none_or(|re| re.is_match(&kernel.version))
+    }
+
+    /// A module built for a kernel needs the modules it depends on built for it too.
+    fn check_module_selection(&self) -> Result<(), Diagnostics> {
+        let mut diags = Diagnostics::default();
+        for k in &self.kernels {
+            for m in self.modules_for(k) {
+                for dep in &m.depends {
+                    let dep_mod = self
+                        .module(dep)
+                        .expect("depends are validated on discovery");
+                    if !self.selects(k, dep_mod) {
+                        let why = if k.modules.as_ref().is_some_and(|s| !s.contains(dep)) {
+                            format!("add {dep:?} to the kernel's modules list at {}", k.at)
+                        } else {
+                            format!(
+                                "widen the `kernels` expression in {}",
+                                display_path(&dep_mod.dir.join("module.toml"))
+                            )
+                        };
+                        diags.push(
+                            Diagnostic::new(format!(
+                                "{}: module {} depends on {dep}, which is not built for kernel {}",
+                                k.at, m.name, k.version
+                            ))
+                            .help(why),
+                        );
+                    }
+                }
+            }
+        }
+        diags.into_result()
+    }
+}
+
+fn toolchain(
+    source: &Source,
+    root: &Path,
+    name: &str,
+    t: &Spanned<RawToolchain>,
+) -> Result<Toolchain, Diagnostic> {
+    let raw = t.get_ref();
+    let kernel_source_dir = match &raw.kernel_source_dir {
+        Some(dir) => {
+            check_template(source, dir, &Vars::kernel("1.2.3"))?;
+            dir.get_ref().clone()
+        }
+        None => DEFAULT_KERNEL_SOURCE_DIR.to_string(),
+    };
+    let source_kind = match (&raw.recipe, &raw.image) {
+        (Some(recipe), None) => {
+            let containerfile = root.join(recipe.get_ref());
+            if !containerfile.is_file() {
+                return Err(source
+                    .error(&recipe.span(), format!("recipe {} does not exist", display_path(&containerfile)))
+                    .help("give a Containerfile path relative to kernels.toml, e.g. \"images/toolchain-debian.Containerfile\""));
+            }
+            let base = match (&raw.base, &raw.bootstrap) {
+                (Some(image), bootstrap) => Some(Base {
+                    image: image.get_ref().clone(),
+                    bootstrap: bootstrap.as_ref().map(|b| b.get_ref().clone()),
+                }),
+                (None, Some(b)) => {
+                    return Err(source
+                        .error(
+                            &b.span(),
+                            "`bootstrap` needs `base`, the name to give the image it makes",
+                        )
+                        .help("add base = \"localhost/kmodforge/debian:bookworm\""));
+                }
+                (None, None) => None,
+            };
+            ToolchainSource::Recipe(Recipe {
+                context: containerfile.parent().unwrap_or(root).to_path_buf(),
+                containerfile,
+                base,
+                build_args: raw.build_args.clone(),
+            })
+        }
+        (None, Some(image)) => {
+            if raw.base.is_some() || raw.bootstrap.is_some() || !raw.build_args.is_empty() {
+                return Err(source.error(
+                    &t.span(),
+                    format!("toolchain {name:?} is a prebuilt image: `base`, `bootstrap` and `build-args` only apply to a `recipe`"),
+                ));
+            }
+            check_template(source, image, &Vars::kernel("1.2.3"))?;
+            ToolchainSource::Image(image.get_ref().clone())
+        }
+        (Some(_), Some(image)) => {
+            return Err(source
+                .error(
+                    &image.span(),
+                    format!("toolchain {name:?} has both `recipe` and `image`"),
+                )
+                .help("a toolchain is either built from a recipe or a prebuilt image: keep one"));
+        }
+        (None, None) => {
+            return Err(source
+                .error(&t.span(), format!("toolchain {name:?} has neither `recipe` nor `image`"))
+                .help("set recipe = \"images/<file>.Containerfile\" or image = \"<registry>/<image>:<tag>\""));
+        }
+    };
+    Ok(Toolchain {
+        name: name.to_string(),
+        source: source_kind,
+        kernel_source_dir,
+    })
+}
+
+fn check_template(source: &Source, t: &Spanned<String>, vars: &Vars) -> Result<(), Diagnostic> {
+    vars.expand(t.get_ref())
+        .map(drop)
+        .map_err(|e| source.error(&t.span(), e))
+}
+
+fn unknown_toolchain(
+    source: &Source,
+    name: &Spanned<String>,
+    toolchains: &BTreeMap<String, Spanned<RawToolchain>>,
+) -> Diagnostic {
+    let known: Vec<&str> = toolchains.keys().map(String::as_str).collect();
+    source
+        .error(
+            &name.span(),
+            format!("no toolchain named {:?}", name.get_ref()),
+        )
+        .help(if known.is_empty() {
+            "define it in a [toolchains.<name>] table".to_string()
+        } else {
+            format!("defined toolchains: {}", known.join(", "))
+        })
+}
+
+/// A module named in kernels.toml must be a valid name and a folder in `modules/`.
+fn check_module_ref(
+    source: &Source,
+    name: &Spanned<String>,
+    known: &BTreeSet<&str>,
+) -> Result<(), Diagnostic> {
+    let n = name.get_ref();
+    if let Err(why) = modules::check_name(n) {
+        return Err(source.error(&name.span(), why));
+    }
+    if !known.contains(n.as_str()) {
+        return Err(source
+            .error(&name.span(), format!("no module named {n:?} in modules/"))
+            .help(format!(
+                "modules found: {}",
+                known.iter().copied().collect::<Vec<_>>().join(", ")
+            )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+
+    /// A scratch project: kernels.toml text, a recipe and the given module folders.
+    fn project(
+        kernels_toml: &str,
+        modules: &[(&str, Option<&str>)],
+    ) -> (tempfile::TempDir, Result<Config>) {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join("images")).unwrap();
+        fs::write(dir.path().join("images/tc.Containerfile"), "FROM x\n").unwrap();
+        for (name, manifest) in modules {
+            let m = dir.path().join("modules").join(name);
+            fs::create_dir_all(&m).unwrap();
+            fs::write(m.join("Kbuild"), format!("obj-m := {name}.o\n")).unwrap();
+            if let Some(text) = manifest {
+                fs::write(m.join("module.toml"), text).unwrap();
+            }
+        }
+        fs::write(dir.path().join("kernels.toml"), kernels_toml).unwrap();
+        let cfg = Config::load(&dir.path().join("kernels.toml"));
+        (dir, cfg)
+    }
+
+    const TC: &str =
+        "[defaults]\ntoolchain = \"deb\"\n[toolchains.deb]\nrecipe = \"images/tc.Containerfile\"\n";
+
+    fn err_of(kernels_toml: &str, modules: &[(&str, Option<&str>)]) -> String {
+        let (_d, cfg) = project(kernels_toml, modules);
+        format!("{:#}", cfg.unwrap_err())
+    }
+
+    #[test]
+    fn loads_a_valid_inventory() {
+        let text = format!(
+            "{TC}[toolchains.dtk]\nimage = \"quay.io/dtk:${{KERNEL_XYZ}}\"\n\
+             [[kernel]]\nversion = \"6.1.0-47-amd64\"\n\
+             [[kernel]]\nversion = \"6.12.117+deb12-amd64\"\ntoolchain = \"dtk\"\nmodules = [\"a\"]\n"
+        );
+        let (_d, cfg) = project(
+            &text,
+            &[("a", None), ("b", Some("kernels = '^6\\.1\\.'\n"))],
+        );
+        let cfg = cfg.unwrap();
+        assert_eq!(cfg.kernels.len(), 2);
+        assert_eq!(cfg.kernels[0].toolchain, "deb");
+        assert_eq!(cfg.kernels[1].toolchain, "dtk");
+        let names = |k: &Kernel| {
+            cfg.modules_for(k)
+                .iter()
+                .map(|m| m.name.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names(&cfg.kernels[0]), ["a", "b"]);
+        assert_eq!(names(&cfg.kernels[1]), ["a"]);
+        assert_eq!(cfg.kernels[1].at.line, 10);
+    }
+
+    #[test]
+    fn syntax_errors_point_at_line_and_column() {
+        let e = err_of(
+            &format!("{TC}[[kernel]]\nversion = \"6.1.0-47-amd64\n"),
+            &[],
+        );
+        assert!(e.contains("kernels.toml:6:"), "{e}");
+    }
+
+    #[test]
+    fn unknown_keys_and_wrong_types_are_errors() {
+        let e = err_of(
+            &format!("{TC}[[kernel]]\nverison = \"6.1.0-47-amd64\"\n"),
+            &[],
+        );
+        assert!(
+            e.contains("kernels.toml:6:1") && e.contains("unknown field `verison`"),
+            "{e}"
+        );
+        let e = err_of(&format!("{TC}[[kernel]]\nversion = 6\n"), &[]);
+        assert!(
+            e.contains("kernels.toml:6:11") && e.contains("expected a string"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn empty_and_duplicate_versions_are_errors() {
+        let e = err_of(&format!("{TC}[[kernel]]\nversion = \"\"\n"), &[]);
+        assert!(
+            e.contains("kernels.toml:6:11: kernel version is empty"),
+            "{e}"
+        );
+        let e = err_of(
+            &format!(
+                "{TC}[[kernel]]\nversion = \"6.1.0-47-amd64\"\n[[kernel]]\nversion = \"6.1.0-47-amd64\"\n"
+            ),
+            &[],
+        );
+        assert!(
+            e.contains("kernels.toml:8:11: kernel 6.1.0-47-amd64 is listed twice"),
+            "{e}"
+        );
+        assert!(
+            e.contains("first listed at") && e.contains("kernels.toml:6:11"),
+            "{e}"
+        );
+        let e = err_of(&format!("{TC}[[kernel]]\nversion = \"linux 6.1\"\n"), &[]);
+        assert!(e.contains("is not a kernel version string"), "{e}");
+        assert!(err_of(TC, &[]).contains("lists no kernels"));
+    }
+
+    #[test]
+    fn module_references_are_checked() {
+        let k =
+            |m: &str| format!("{TC}[[kernel]]\nversion = \"6.1.0-47-amd64\"\nmodules = [{m}]\n");
+        let e = err_of(&k("\"../evil\""), &[("a", None)]);
+        assert!(
+            e.contains("kernels.toml:7:12") && e.contains("not a valid module name"),
+            "{e}"
+        );
+        let e = err_of(&k("\"a/b\""), &[("a", None)]);
+        assert!(e.contains("not a valid module name"), "{e}");
+        let e = err_of(&k("\"nope\""), &[("a", None)]);
+        assert!(
+            e.contains("no module named \"nope\"") && e.contains("modules found: a"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn toolchain_references_are_checked() {
+        let e = err_of(
+            &format!("{TC}[[kernel]]\nversion = \"6.1.0-47-amd64\"\ntoolchain = \"rhel\"\n"),
+            &[],
+        );
+        assert!(
+            e.contains("kernels.toml:7:13: no toolchain named \"rhel\""),
+            "{e}"
+        );
+        assert!(e.contains("defined toolchains: deb"), "{e}");
+        let e = err_of(
+            "[toolchains.x]\nrecipe = \"images/missing\"\n[[kernel]]\nversion = \"6.1.0-1-amd64\"\ntoolchain = \"x\"\n",
+            &[],
+        );
+        assert!(
+            e.contains("kernels.toml:2:10: recipe images/missing does not exist")
+                || e.contains("recipe") && e.contains("does not exist"),
+            "{e}"
+        );
+        let e = err_of(
+            "[toolchains.x]\n[[kernel]]\nversion = \"6.1.0-1-amd64\"\ntoolchain = \"x\"\n",
+            &[],
+        );
+        assert!(e.contains("neither `recipe` nor `image`"), "{e}");
+        let e = err_of(
+            "[toolchains.x]\nimage = \"q/dtk:${KERNEL}\"\n[[kernel]]\nversion = \"6.1.0-1-amd64\"\ntoolchain = \"x\"\n",
+            &[],
+        );
+        assert!(
+            e.contains("kernels.toml:2:9: unknown variable ${KERNEL}"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_dependency_excluded_for_a_kernel_is_an_error() {
+        let text = format!("{TC}[[kernel]]\nversion = \"6.1.0-47-amd64\"\nmodules = [\"user\"]\n");
+        let e = err_of(
+            &text,
+            &[("exp", None), ("user", Some("depends = [\"exp\"]\n"))],
+        );
+        assert!(
+            e.contains("module user depends on exp, which is not built for kernel 6.1.0-47-amd64"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn all_problems_are_reported_at_once() {
+        let e = err_of(
+            &format!(
+                "{TC}[[kernel]]\nversion = \"\"\n[[kernel]]\nversion = \"6.1\"\ntoolchain = \"nope\"\n"
+            ),
+            &[],
+        );
+        assert!(e.contains("(2 problems)"), "{e}");
+    }
+}

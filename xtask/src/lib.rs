@@ -1,0 +1,23 @@
+//! kmodforge: turns out-of-tree Linux kernel modules into KMM kmod images.
+//!
+//! The pipeline, one file per step: [`config`] (kernels.toml) and [`modules`] →
+//! [`plan`] → [`toolchain`] → [`build`] → [`depmod`]; [`pipeline`] executes a plan on
+//! the [`schedule`]r through the container [`engine`], with every program run by
+//! [`process`]. The command line and everything that prints is in [`cli`].
+
+pub mod build;
+pub mod cli;
+pub mod config;
+pub mod depmod;
+pub mod diag;
+pub mod engine;
+pub mod modinfo;
+pub mod modules;
+pub mod pipeline;
+pub mod plan;
+pub mod process;
+pub mod progress;
+pub mod schedule;
+pub mod state;
+pub mod template;
+pub mod toolchain;

@@ -1,0 +1,118 @@
+//! Reads a `.ko` file's `.modinfo` section: `vermagic`, `depends`, `name`, ...
+//!
+//! The section is a run of NUL-terminated `key=value` strings. kmodforge checks
+//! `vermagic` after every build: a module whose Makefile used `uname -r`, or a toolchain
+//! that holds the wrong kernel's headers, gives a `.ko` the target kernel will refuse.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use object::{Object, ObjectSection};
+
+use crate::diag::display_path;
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ModInfo {
+    pub fields: Vec<(String, String)>,
+}
+
+impl ModInfo {
+    pub fn read(path: &Path) -> Result<ModInfo> {
+        let data =
+            std::fs::read(path).with_context(|| format!("cannot read {}", display_path(path)))?;
+        let file = object::File::parse(&*data)
+            .with_context(|| format!("{} is not an ELF object", display_path(path)))?;
+        let section = file.section_by_name(".modinfo").with_context(|| {
+            format!(
+                "{} has no .modinfo section: not a kernel module",
+                display_path(path)
+            )
+        })?;
+        Ok(ModInfo::parse(section.data()?))
+    }
+
+    pub fn parse(section: &[u8]) -> ModInfo {
+        let fields = section
+            .split(|b| *b == 0)
+            .filter(|s| !s.is_empty())
+            .filter_map(|s| {
+                let s = String::from_utf8_lossy(s);
+                let (k, v) = s.split_once('=')?;
+                Some((k.to_string(), v.to_string()))
+            })
+            .collect();
+        ModInfo { fields }
+    }
+
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.fields
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The modules named in `depends=` (empty when there are none).
+    pub fn depends(&self) -> Vec<String> {
+        self.get("depends")
+            .map(|d| {
+                d.split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The kernel release in `vermagic` (its first word).
+    pub fn vermagic_release(&self) -> Option<&str> {
+        self.get("vermagic")
+            .and_then(|v| v.split_whitespace().next())
+    }
+}
+
+/// Fails unless the module at `path` was built for kernel `kver`.
+pub fn check_vermagic(path: &Path, kver: &str) -> Result<()> {
+    let info = ModInfo::read(path)?;
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    match info.vermagic_release() {
+        Some(release) if release == kver => Ok(()),
+        Some(release) => bail!(
+            "{name} was built for kernel {release}, not {kver} (vermagic {:?}); the kernel would refuse it\n  \
+             help: build against ${{kernel_source_dir}} / ${{kernelver}}, never `uname -r` or a hard-coded \
+             kernel, and check that the toolchain holds {kver}'s headers",
+            info.get("vermagic").unwrap_or_default()
+        ),
+        None => bail!("{name} has no vermagic in its .modinfo section"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_modinfo_section() {
+        let raw = b"license=GPL\0depends=kmf_export,other\0\0vermagic=6.1.0-47-amd64 SMP preempt mod_unload modversions \0name=kmf_user\0";
+        let info = ModInfo::parse(raw);
+        assert_eq!(info.get("license"), Some("GPL"));
+        assert_eq!(info.depends(), ["kmf_export", "other"]);
+        assert_eq!(info.vermagic_release(), Some("6.1.0-47-amd64"));
+        assert_eq!(info.get("name"), Some("kmf_user"));
+        assert!(ModInfo::parse(b"depends=\0").depends().is_empty());
+    }
+
+    #[test]
+    fn non_modules_are_rejected() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("x.ko");
+        std::fs::write(&p, b"not elf").unwrap();
+        assert!(
+            format!("{:#}", check_vermagic(&p, "1").unwrap_err()).contains("not an ELF object")
+        );
+        // The test binary itself is ELF but no module.
+        let exe = std::env::current_exe().unwrap();
+        assert!(
+            format!("{:#}", check_vermagic(&exe, "1").unwrap_err()).contains("no .modinfo section")
+        );
+    }
+}

@@ -1,0 +1,331 @@
+//! Toolchains: DTK-style images that hold one kernel's headers and its compiler.
+//!
+//! A recipe toolchain is built once per kernel from a Containerfile in `images/` and
+//! tagged with a fingerprint of its inputs (the recipe's bytes, the build args, the
+//! base), so a second run finds it and a changed recipe builds anew. Its base image,
+//! where no registry is reachable, is made from the Debian archive with mmdebstrap. A
+//! prebuilt toolchain (the real Driver Toolkit) is pulled when not already local.
+//! Either way the image is probed once: is there a kernel build tree for this kernel,
+//! which kernel does it say it is, was it built with CONFIG_RUST, which compilers.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Base, Kernel, Toolchain, ToolchainSource};
+use crate::engine::{Engine, Run, require_program};
+use crate::process::{self, Cmd};
+use crate::state::{Fingerprint, Layout, read_json, write_json};
+use crate::template::{Vars, normalize_tag};
+
+/// What the probe of a toolchain image found.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Facts {
+    /// The image the module builds run in.
+    pub image: String,
+    /// The kernel's build tree inside the image.
+    pub kernel_source_dir: String,
+    /// The kernel was configured with CONFIG_RUST=y.
+    pub rust: bool,
+    /// `CONFIG_CC_VERSION_TEXT`: the compiler the kernel was built with.
+    pub kernel_cc: Option<String>,
+    /// `gcc --version` in the image.
+    pub cc: Option<String>,
+    /// `rustc --version` in the image.
+    pub rustc: Option<String>,
+}
+
+/// The identity of a kernel's toolchain: what goes into building (or naming) its image.
+pub fn fingerprint(tc: &Toolchain, kver: &str) -> Result<String> {
+    let mut f = Fingerprint::new("toolchain-v1");
+    f.field("kernel", kver)
+        .field("kernel_source_dir", &tc.kernel_source_dir);
+    match &tc.source {
+        ToolchainSource::Recipe(r) => {
+            f.file("recipe", &r.containerfile)?;
+            for (k, v) in &r.build_args {
+                f.field(k, v);
+            }
+            if let Some(base) = &r.base {
+                f.field("base", &base.image);
+                if let Some(b) = &base.bootstrap {
+                    f.field("bootstrap", &format!("{b:?}"));
+                }
+            }
+        }
+        ToolchainSource::Image(template) => {
+            f.field(
+                "image",
+                &Vars::kernel(kver)
+                    .expand(template)
+                    .map_err(anyhow::Error::msg)?,
+            );
+        }
+    }
+    Ok(f.finish())
+}
+
+/// The image name: for a recipe, a local tag that carries the fingerprint; for a
+/// prebuilt toolchain, its reference with KMM's kernel variables expanded.
+pub fn image_name(tc: &Toolchain, kver: &str, fingerprint: &str) -> Result<String> {
+    Ok(match &tc.source {
+        ToolchainSource::Recipe(_) => {
+            format!(
+                "localhost/kmodforge/toolchain-{}:{}-{}",
+                tc.name,
+                normalize_tag(kver),
+                &fingerprint[..12]
+            )
+        }
+        ToolchainSource::Image(t) => Vars::kernel(kver).expand(t).map_err(anyhow::Error::msg)?,
+    })
+}
+
+pub fn kernel_source_dir(tc: &Toolchain, kver: &str) -> String {
+    Vars::kernel(kver)
+        .expand(&tc.kernel_source_dir)
+        .expect("validated when the config was loaded")
+}
+
+/// Makes sure a recipe's base image is in local storage. Returns a note when it had
+/// to be made or pulled.
+pub fn ensure_base(engine: &Engine, base: &Base, log: &Path) -> Result<Option<String>> {
+    if engine.image_id(&base.image)?.is_some() {
+        return Ok(None);
+    }
+    match &base.bootstrap {
+        Some(b) => {
+            require_program(
+                "mmdebstrap",
+                "mmdebstrap",
+                &format!(
+                    "kernels.toml asks for it to make the base image {} from the Debian archive",
+                    base.image
+                ),
+            )?;
+            let mut mm = Cmd::new("mmdebstrap")
+                .arg(format!("--variant={}", b.variant))
+                .arg("--quiet");
+            if !b.include.is_empty() {
+                mm = mm.arg(format!("--include={}", b.include.join(",")));
+            }
+            mm = mm.arg(&b.suite).arg("-").args(&b.sources);
+            mm.pipe(engine.import(&base.image))
+                .run_logged(log, None)
+                .with_context(|| {
+                    format!("cannot make the base image {} with mmdebstrap", base.image)
+                })?;
+            Ok(Some(format!(
+                "made base image {} from the Debian archive",
+                base.image
+            )))
+        }
+        None => {
+            engine.pull(&base.image).run_logged(log, None).with_context(|| {
+                format!(
+                    "the base image {} is not in local storage and cannot be pulled\n  help: pull or load it by hand, \
+                     or add a [toolchains.<name>.bootstrap] table so kmodforge makes it from the Debian archive",
+                    base.image
+                )
+            })?;
+            Ok(Some(format!("pulled base image {}", base.image)))
+        }
+    }
+}
+
+/// Makes sure the kernel's toolchain image exists (building or pulling it) and returns
+/// what its probe found, from the cache when the same image was probed before.
+pub fn ensure(
+    engine: &Engine,
+    layout: &Layout,
+    tc: &Toolchain,
+    kernel: &Kernel,
+    fingerprint: &str,
+    log: &Path,
+) -> Result<Facts> {
+    let kver = &kernel.version;
+    let image = image_name(tc, kver, fingerprint)?;
+    let facts_path = layout.toolchain_facts(fingerprint);
+    let present = engine.image_id(&image)?.is_some();
+    if present && let Some(facts) = read_json::<Facts>(&facts_path) {
+        return Ok(facts);
+    }
+    if !present {
+        match &tc.source {
+            ToolchainSource::Recipe(r) => {
+                let mut args = vec![("KERNEL_FULL_VERSION".to_string(), kver.clone())];
+                if let Some(base) = &r.base {
+                    args.push(("BASE_IMAGE".into(), base.image.clone()));
+                }
+                args.extend(r.build_args.iter().map(|(k, v)| (k.clone(), v.clone())));
+                let labels = [
+                    ("io.kmodforge.kernel".to_string(), kver.clone()),
+                    ("io.kmodforge.toolchain".into(), tc.name.clone()),
+                    ("io.kmodforge.fingerprint".into(), fingerprint.to_string()),
+                ];
+                engine
+                    .build(&r.containerfile, &r.context, &image, &args, &labels)
+                    .run_logged(log, None)
+                    .map_err(|e| {
+                        let hint = headers_hint(log, kernel);
+                        e.context(format!("cannot build toolchain image {image}{hint}"))
+                    })?;
+            }
+            ToolchainSource::Image(_) => {
+                engine.pull(&image).run_logged(log, None).with_context(|| {
+                    format!(
+                        "cannot pull toolchain image {image}\n  help: where no registry is reachable, load the image into \
+                         local storage first (`{} load`), or build the toolchain from a recipe",
+                        engine.kind
+                    )
+                })?;
+            }
+        }
+    }
+    let facts = probe(engine, &image, &kernel_source_dir(tc, kver), kver, log)?;
+    write_json(&facts_path, &facts)?;
+    Ok(facts)
+}
+
+/// When a recipe failed because the archive has no headers for the kernel, says so and
+/// points at the kernel in kernels.toml.
+fn headers_hint(log: &Path, kernel: &Kernel) -> String {
+    let tail = process::tail(log, 60).join("\n");
+    let missing = format!("linux-headers-{}", kernel.version);
+    let rhel = format!("kernel-devel-{}", kernel.version);
+    if (tail.contains("Unable to locate package")
+        || tail.contains("has no installation candidate")
+        || tail.contains("No match for argument"))
+        && (tail.contains(&missing) || tail.contains(&rhel))
+    {
+        format!(
+            ": the archive has no headers package for kernel {} ({})\n  help: check the version at {}; \
+             `apt-cache search linux-headers-` (Debian) or `dnf list kernel-devel` (RHEL) lists the ones that exist",
+            kernel.version,
+            if tail.contains(&missing) {
+                missing
+            } else {
+                rhel
+            },
+            kernel.at
+        )
+    } else {
+        String::new()
+    }
+}
+
+const PROBE: &str = r#"d="$1"
+[ -f "$d/Makefile" ] || { echo "kmodforge-probe: no kernel build tree (kernel-devel) at $d" >&2; exit 3; }
+u="$d/include/generated/utsrelease.h"
+[ -f "$u" ] && sed -n 's/^#define UTS_RELEASE "\(.*\)"$/release=\1/p' "$u"
+for f in "$d/.config" "$d/include/config/auto.conf"; do
+  if [ -f "$f" ]; then grep -E '^CONFIG_(RUST|CC_VERSION_TEXT)=' "$f"; break; fi
+done
+for t in make depmod; do command -v "$t" >/dev/null || echo "missing=$t"; done
+cc=$(gcc --version 2>/dev/null | head -n1) && echo "cc=$cc"
+r=$(rustc --version 2>/dev/null) && echo "rustc=$r"
+exit 0
+"#;
+
+fn probe(engine: &Engine, image: &str, kdir: &str, kver: &str, log: &Path) -> Result<Facts> {
+    let run = Run {
+        image,
+        mounts: vec![],
+        env: vec![],
+        workdir: None,
+        network: false,
+        command: vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            PROBE.into(),
+            "kmodforge-probe".into(),
+            kdir.into(),
+        ],
+    };
+    let out = engine
+        .run(&run)
+        .read()
+        .with_context(|| format!("cannot probe toolchain image {image}"))?;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(log)
+        .and_then(|mut f| {
+            use std::io::Write;
+            writeln!(f, "probe of {image}:\n{out}")
+        })?;
+    parse_probe(&out, image, kdir, kver)
+}
+
+fn parse_probe(out: &str, image: &str, kdir: &str, kver: &str) -> Result<Facts> {
+    let mut facts = Facts {
+        image: image.into(),
+        kernel_source_dir: kdir.into(),
+        rust: false,
+        kernel_cc: None,
+        cc: None,
+        rustc: None,
+    };
+    let mut missing = Vec::new();
+    for line in out.lines() {
+        let Some((k, v)) = line.split_once('=') else {
+            continue;
+        };
+        let v = v.trim().trim_matches('"').to_string();
+        match k {
+            "release" if v != kver => bail!(
+                "toolchain image {image} holds the build tree of kernel {v} at {kdir}, not {kver}\n  \
+                 help: point the kernel at the right toolchain, or fix the toolchain's kernel-source-dir"
+            ),
+            "CONFIG_RUST" => facts.rust = v == "y",
+            "CONFIG_CC_VERSION_TEXT" => facts.kernel_cc = Some(v),
+            "missing" => missing.push(v),
+            "cc" => facts.cc = Some(v),
+            "rustc" => facts.rustc = Some(v),
+            _ => {}
+        }
+    }
+    if !missing.is_empty() {
+        bail!(
+            "toolchain image {image} lacks {}: a toolchain needs make and kmod (depmod)",
+            missing.join(" and ")
+        );
+    }
+    Ok(facts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probe_output_is_parsed_and_checked() {
+        let out = "release=6.1.0-47-amd64\nCONFIG_CC_VERSION_TEXT=\"gcc-12 (Debian 12.2.0-14) 12.2.0\"\ncc=gcc (Debian 12.2.0-14) 12.2.0\n";
+        let f = parse_probe(out, "img", "/k", "6.1.0-47-amd64").unwrap();
+        assert!(!f.rust);
+        assert_eq!(
+            f.kernel_cc.as_deref(),
+            Some("gcc-12 (Debian 12.2.0-14) 12.2.0")
+        );
+        let f = parse_probe(
+            "CONFIG_RUST=y\nrustc=rustc 1.96.0\n",
+            "img",
+            "/k",
+            "6.12.117-kmodforge-rust",
+        )
+        .unwrap();
+        assert!(f.rust && f.rustc.is_some());
+        let e = parse_probe("release=6.1.0-50-amd64\n", "img", "/k", "6.1.0-47-amd64")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("holds the build tree of kernel 6.1.0-50-amd64"),
+            "{e}"
+        );
+        let e = parse_probe("missing=depmod\n", "img", "/k", "6.1.0-47-amd64")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("lacks depmod"), "{e}");
+    }
+}
