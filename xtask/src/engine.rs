@@ -198,6 +198,7 @@ impl Engine {
             .args(["run", "--rm", "--pull=never"])
             .args(&self.host_flags);
         cmd = cmd.arg(format!("--label=kmodforge.run={}", self.run_id));
+        cmd = cmd.arg(format!("--label=kmodforge.pid={}", std::process::id()));
         if !run.network {
             cmd = cmd.arg("--network=none");
         }
@@ -224,11 +225,16 @@ impl Engine {
         let filter = format!("label=kmodforge.run={}", self.run_id);
         if let Ok(ids) = Cmd::new(&self.program)
             .args(["ps", "-aq", "--filter", &filter])
+            .cleanup()
             .read()
         {
             let ids: Vec<&str> = ids.split_whitespace().collect();
             if !ids.is_empty() {
-                let _ = Cmd::new(&self.program).args(["rm", "-f"]).args(ids).read();
+                let _ = Cmd::new(&self.program)
+                    .args(["rm", "-f"])
+                    .args(ids)
+                    .cleanup()
+                    .read();
             }
         }
     }
@@ -251,10 +257,10 @@ impl Engine {
 fn install_hint(kind: EngineKind) -> &'static str {
     match kind {
         EngineKind::Podman => {
-            "install podman (Debian/Ubuntu: `sudo apt-get install -y podman runc`), or docker, then run again; README.md, \"Set-up\", has the details"
+            "install podman with `cargo xtask deps --install` (or `sudo apt-get install -y podman runc`), or install docker"
         }
         EngineKind::Docker => {
-            "install docker (Debian/Ubuntu: `sudo apt-get install -y docker.io`) and start its daemon, or use --engine podman"
+            "install docker (`sudo apt-get install -y docker.io`) and start its daemon, or use --engine podman"
         }
     }
 }
@@ -272,7 +278,7 @@ fn cgroup_v2_unified() -> bool {
     Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
 }
 
-fn own_uid() -> u32 {
+pub fn own_uid() -> u32 {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata("/proc/self")
         .map(|m| m.uid())
@@ -331,7 +337,11 @@ mod tests {
         });
         assert_eq!(
             cmd.shown(),
-            "podman run --rm --pull=never --ulimit=nofile=1024:4096 --label=kmodforge.run=r1 --network=none -v /src/m:/in:ro,z -e 'A=b c' --workdir=/w img make"
+            format!(
+                "podman run --rm --pull=never --ulimit=nofile=1024:4096 --label=kmodforge.run=r1 --label=kmodforge.pid={} \
+                 --network=none -v /src/m:/in:ro,z -e 'A=b c' --workdir=/w img make",
+                std::process::id()
+            )
         );
     }
 }

@@ -9,6 +9,7 @@ pub mod build;
 pub mod cli;
 pub mod config;
 pub mod depmod;
+pub mod deps;
 pub mod diag;
 pub mod engine;
 pub mod modinfo;

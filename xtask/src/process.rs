@@ -43,6 +43,8 @@ pub struct Cmd {
     env: Vec<(OsString, OsString)>,
     dir: Option<PathBuf>,
     pipe_into: Option<Box<Cmd>>,
+    /// Runs even after [`cancel_all`]: for the clean-up that cancelling needs.
+    cleanup: bool,
 }
 
 impl Cmd {
@@ -53,6 +55,7 @@ impl Cmd {
             env: Vec::new(),
             dir: None,
             pipe_into: None,
+            cleanup: false,
         }
     }
 
@@ -73,6 +76,12 @@ impl Cmd {
 
     pub fn dir(mut self, dir: impl Into<PathBuf>) -> Cmd {
         self.dir = Some(dir.into());
+        self
+    }
+
+    /// Marks a clean-up command, which runs even while the run is being cancelled.
+    pub fn cleanup(mut self) -> Cmd {
+        self.cleanup = true;
         self
     }
 
@@ -113,7 +122,7 @@ impl Cmd {
     }
 
     fn start(&self, expr: duct::Expression) -> Result<Arc<duct::Handle>> {
-        if cancelled() {
+        if cancelled() && !self.cleanup {
             bail!("cancelled");
         }
         let handle = expr.start().map_err(|e| spawn_error(&self.program, e))?;
@@ -242,6 +251,20 @@ fn spawn_error(program: &std::ffi::OsStr, e: std::io::Error) -> anyhow::Error {
     } else {
         anyhow::anyhow!("cannot run {}: {e}", program.to_string_lossy())
     }
+}
+
+/// Appends a note to a job's log (creating it), for what kmodforge itself learns.
+pub fn append_log(log: &Path, text: &str) -> Result<()> {
+    if let Some(dir) = log.parent() {
+        fs::create_dir_all(dir).with_context(|| format!("cannot create {}", display_path(dir)))?;
+    }
+    let mut f = File::options()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("cannot open log {}", display_path(log)))?;
+    writeln!(f, "{text}")?;
+    Ok(())
 }
 
 /// Shell-quotes a word when it needs it.

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{Base, Kernel, Toolchain, ToolchainSource};
 use crate::engine::{Engine, Run, require_program};
 use crate::process::{self, Cmd};
-use crate::state::{Fingerprint, Layout, read_json, write_json};
+use crate::state::{Fingerprint, Layout, machine_lock, read_json, write_json};
 use crate::template::{Vars, normalize_tag};
 
 /// What the probe of a toolchain image found.
@@ -94,6 +94,10 @@ pub fn ensure_base(engine: &Engine, base: &Base, log: &Path) -> Result<Option<St
     if engine.image_id(&base.image)?.is_some() {
         return Ok(None);
     }
+    let _lock = machine_lock(&format!("{} {}", engine.kind, base.image))?;
+    if engine.image_id(&base.image)?.is_some() {
+        return Ok(None);
+    }
     match &base.bootstrap {
         Some(b) => {
             require_program(
@@ -147,9 +151,13 @@ pub fn ensure(
     let kver = &kernel.version;
     let image = image_name(tc, kver, fingerprint)?;
     let facts_path = layout.toolchain_facts(fingerprint);
-    let present = engine.image_id(&image)?.is_some();
+    let mut present = engine.image_id(&image)?.is_some();
     if present && let Some(facts) = read_json::<Facts>(&facts_path) {
         return Ok(facts);
+    }
+    let _lock = machine_lock(&format!("{} {image}", engine.kind))?;
+    if !present {
+        present = engine.image_id(&image)?.is_some();
     }
     if !present {
         match &tc.source {
@@ -168,8 +176,10 @@ pub fn ensure(
                     .build(&r.containerfile, &r.context, &image, &args, &labels)
                     .run_logged(log, None)
                     .map_err(|e| {
-                        let hint = headers_hint(log, kernel);
-                        e.context(format!("cannot build toolchain image {image}{hint}"))
+                        anyhow::anyhow!(
+                            "cannot build toolchain image {image}: {e:#}{}",
+                            headers_hint(log, kernel)
+                        )
                     })?;
             }
             ToolchainSource::Image(_) => {
@@ -200,7 +210,7 @@ fn headers_hint(log: &Path, kernel: &Kernel) -> String {
         && (tail.contains(&missing) || tail.contains(&rhel))
     {
         format!(
-            ": the archive has no headers package for kernel {} ({})\n  help: check the version at {}; \
+            "\nthe archive has no headers package for kernel {} ({})\n  help: check the version at {}; \
              `apt-cache search linux-headers-` (Debian) or `dnf list kernel-devel` (RHEL) lists the ones that exist",
             kernel.version,
             if tail.contains(&missing) {
@@ -247,14 +257,7 @@ fn probe(engine: &Engine, image: &str, kdir: &str, kver: &str, log: &Path) -> Re
         .run(&run)
         .read()
         .with_context(|| format!("cannot probe toolchain image {image}"))?;
-    std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .open(log)
-        .and_then(|mut f| {
-            use std::io::Write;
-            writeln!(f, "probe of {image}:\n{out}")
-        })?;
+    process::append_log(log, &format!("probe of {image}:\n{out}"))?;
     parse_probe(&out, image, kdir, kver)
 }
 

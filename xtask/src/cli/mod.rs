@@ -13,11 +13,11 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::config::{Config, ToolchainSource};
 use crate::engine::{Engine, EngineKind};
-use crate::pipeline;
 use crate::plan::Plan;
 use crate::process;
 use crate::progress::Status;
 use crate::state::Layout;
+use crate::{deps, pipeline};
 pub use report::ProgressMode;
 
 const ABOUT: &str = "kmodforge: build out-of-tree kernel modules into KMM kmod images";
@@ -70,6 +70,15 @@ enum Command {
     },
     /// Print the plan: each kernel, its toolchain, and the modules built for it.
     Plan,
+    /// Show (or install, with apt-get) the host packages kmodforge and its tests use.
+    Deps {
+        /// Install what is missing (as root, or through sudo).
+        #[arg(long)]
+        install: bool,
+        /// Include what the test suite needs (a second engine, QEMU, a registry...).
+        #[arg(long)]
+        tests: bool,
+    },
 }
 
 #[derive(Args)]
@@ -81,6 +90,10 @@ struct BuildArgs {
     /// Fail at once, instead of waiting, when another run holds the output directory.
     #[arg(long)]
     no_wait: bool,
+
+    /// First install the host packages kmodforge and its tests need (apt-get).
+    #[arg(long)]
+    install_deps: bool,
 }
 
 /// The workspace root: where kernels.toml lives unless --config says otherwise.
@@ -95,6 +108,12 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,
+        Err(_) if process::cancelled() => {
+            eprintln!(
+                "interrupted: containers of this run were removed; finished outputs are kept"
+            );
+            ExitCode::from(130)
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -103,6 +122,17 @@ pub fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
+    if let Command::Deps { install, tests } = cli.command {
+        if install {
+            deps::install(tests)?;
+        }
+        println!("{}", deps::report(tests));
+        return Ok(if deps::missing(tests).is_empty() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        });
+    }
     let config_path = cli
         .config
         .clone()
@@ -116,6 +146,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             print_plan(&Plan::new(&config, None)?);
             Ok(ExitCode::SUCCESS)
         }
+        Command::Deps { .. } => unreachable!("handled above"),
     }
 }
 

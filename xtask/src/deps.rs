@@ -1,0 +1,123 @@
+//! The host packages kmodforge and its tests use, by the program each provides, and
+//! their installation with apt-get. One list, used by `deps`, `build-all
+//! --install-deps` and `.ci/run`, so the README's set-up and CI cannot drift apart.
+
+use anyhow::{Result, bail};
+
+use crate::process::{Cmd, which};
+
+/// A Debian package and a program it puts on PATH (how kmodforge sees it is there).
+pub struct Package {
+    pub name: &'static str,
+    pub program: &'static str,
+    pub why: &'static str,
+}
+
+/// What `build-all` needs.
+pub const BUILD: &[Package] = &[
+    Package {
+        name: "podman",
+        program: "podman",
+        why: "container engine (or docker.io)",
+    },
+    Package {
+        name: "runc",
+        program: "runc",
+        why: "OCI runtime podman uses on cgroup v1 hosts",
+    },
+    Package {
+        name: "mmdebstrap",
+        program: "mmdebstrap",
+        why: "makes base images from the Debian archive",
+    },
+];
+
+/// What the test suite needs beyond [`BUILD`].
+pub const TEST: &[Package] = &[
+    Package {
+        name: "docker.io",
+        program: "dockerd",
+        why: "the second engine the tests build with",
+    },
+    Package {
+        name: "kmod",
+        program: "modinfo",
+        why: "modinfo checks the built modules independently",
+    },
+];
+
+/// Packages whose program is not on PATH.
+pub fn missing(with_tests: bool) -> Vec<&'static Package> {
+    let extra: &[Package] = if with_tests { TEST } else { &[] };
+    // For building alone, docker serves as well as podman.
+    let engine_found = which("podman").is_some() || (!with_tests && which("docker").is_some());
+    BUILD
+        .iter()
+        .chain(extra)
+        .filter(|p| which(p.program).is_none() && !(p.name == "podman" && engine_found))
+        .filter(|p| !(p.name == "runc" && which("podman").is_none() && engine_found))
+        .collect()
+}
+
+/// The exact command that installs `packages`.
+pub fn install_line(packages: &[&Package]) -> String {
+    let names: Vec<&str> = packages.iter().map(|p| p.name).collect();
+    format!(
+        "sudo apt-get update && sudo apt-get install -y {}",
+        names.join(" ")
+    )
+}
+
+/// Installs what is missing with apt-get (directly as root, else through sudo).
+pub fn install(with_tests: bool) -> Result<()> {
+    let missing = missing(with_tests);
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if which("apt-get").is_none() {
+        bail!(
+            "missing {}, and this host has no apt-get: install them with its package manager",
+            missing
+                .iter()
+                .map(|p| p.name)
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    let root = crate::engine::own_uid() == 0;
+    let apt = |args: &[&str]| -> Cmd {
+        let cmd = if root {
+            Cmd::new("apt-get")
+        } else {
+            Cmd::new("sudo").arg("apt-get")
+        };
+        cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive")
+    };
+    eprintln!(
+        "installing {}",
+        missing.iter().map(|p| p.name).collect::<Vec<_>>().join(" ")
+    );
+    apt(&["update", "-q"]).read()?;
+    let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
+    args.extend(missing.iter().map(|p| p.name));
+    apt(&args).read()?;
+    Ok(())
+}
+
+/// A report of every package and whether it is there.
+pub fn report(with_tests: bool) -> String {
+    let extra: &[Package] = if with_tests { TEST } else { &[] };
+    BUILD
+        .iter()
+        .chain(extra)
+        .map(|p| {
+            let state = if which(p.program).is_some() {
+                "ok     "
+            } else {
+                "MISSING"
+            };
+            format!("{state} {:<18} {}", p.name, p.why)
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}

@@ -1,0 +1,297 @@
+//! Helpers for the integration tests: scratch projects made from the repository's own
+//! kernels.toml, images/ and modules/, and the real `xtask` binary run against them.
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const K61: &str = "6.1.0-47-amd64";
+pub const K612: &str = "6.12.117+deb12-amd64";
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// Fails the test, with the way to fix it, when a host program the test needs is
+/// missing: a test never passes by skipping what it was meant to check.
+pub fn require(program: &str, package: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
+        .unwrap_or(false);
+    assert!(
+        found,
+        "this test needs `{program}`: run `cargo xtask deps --install --tests` (Debian package {package})"
+    );
+}
+
+/// A scratch project: the repository's toolchains and images, chosen kernels, and the
+/// repository's modules plus any the test adds.
+pub struct Project {
+    pub dir: tempfile::TempDir,
+}
+
+impl Project {
+    pub fn new(kernels: &[&str]) -> Project {
+        let dir = tempfile::Builder::new()
+            .prefix("kmodforge-test-")
+            .tempdir()
+            .unwrap();
+        copy_tree(&repo_root().join("images"), &dir.path().join("images"));
+        copy_tree(&repo_root().join("modules"), &dir.path().join("modules"));
+        let p = Project { dir };
+        p.set_kernels(kernels);
+        p
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// kernels.toml: the repository's settings and toolchains, with `kernels` listed.
+    pub fn set_kernels(&self, kernels: &[&str]) {
+        let mut text = toolchains_section();
+        for k in kernels {
+            text.push_str(&format!("\n[[kernel]]\nversion = \"{k}\"\n"));
+        }
+        self.write("kernels.toml", &text);
+    }
+
+    pub fn write(&self, rel: &str, contents: &str) {
+        let path = self.path().join(rel);
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(path, contents).unwrap();
+    }
+
+    pub fn remove_module(&self, name: &str) {
+        fs::remove_dir_all(self.path().join("modules").join(name)).unwrap();
+    }
+
+    pub fn out(&self) -> PathBuf {
+        self.path().join("out")
+    }
+
+    pub fn moddir(&self, kver: &str) -> PathBuf {
+        self.out().join(kver).join("lib/modules").join(kver)
+    }
+
+    /// The real xtask binary, pointed at this project, with plain progress lines.
+    pub fn xtask(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_xtask"));
+        cmd.arg("--config")
+            .arg(self.path().join("kernels.toml"))
+            .args(["--progress", "plain"])
+            .args(args);
+        cmd.env_remove("KMODFORGE_ENGINE")
+            .env_remove("KMODFORGE_OUT")
+            .env_remove("KMODFORGE_CONFIG");
+        cmd
+    }
+
+    pub fn run(&self, args: &[&str]) -> Run {
+        run(self.xtask(args))
+    }
+}
+
+/// The part of the repository's kernels.toml before its first kernel.
+pub fn toolchains_section() -> String {
+    let text = fs::read_to_string(repo_root().join("kernels.toml")).unwrap();
+    let end = text.find("[[kernel]]").expect("kernels.toml lists kernels");
+    text[..end].to_string()
+}
+
+pub struct Run {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    pub fn all(&self) -> String {
+        format!("--- stdout\n{}\n--- stderr\n{}", self.stdout, self.stderr)
+    }
+
+    pub fn ok(self) -> Run {
+        assert_eq!(self.code, Some(0), "xtask failed:\n{}", self.all());
+        self
+    }
+
+    pub fn failed(self) -> Run {
+        assert!(
+            self.code.is_some_and(|c| c != 0),
+            "xtask should have failed:\n{}",
+            self.all()
+        );
+        self
+    }
+
+    /// The jobs a run started ("start     <job>" progress lines).
+    pub fn started(&self) -> Vec<String> {
+        self.stderr
+            .lines()
+            .filter_map(|l| {
+                l.split_once("] start     ")
+                    .map(|(_, j)| j.trim().to_string())
+            })
+            .collect()
+    }
+}
+
+pub fn run(mut cmd: Command) -> Run {
+    let out: Output = cmd.stdin(Stdio::null()).output().expect("run xtask");
+    Run {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+pub fn copy_tree(from: &Path, to: &Path) {
+    fs::create_dir_all(to).unwrap();
+    for entry in fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let dest = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_tree(&entry.path(), &dest);
+        } else {
+            fs::copy(entry.path(), dest).unwrap();
+        }
+    }
+}
+
+/// A field of a .ko's .modinfo as the host's own modinfo reads it (independent of
+/// kmodforge's reader).
+pub fn modinfo(ko: &Path, field: &str) -> String {
+    require("modinfo", "kmod");
+    let out = Command::new("modinfo")
+        .args(["-F", field])
+        .arg(ko)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "modinfo {}: {}",
+        ko.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Every file under `dir` with its contents, for before/after comparisons.
+pub fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    if !dir.exists() {
+        return out;
+    }
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            } else {
+                out.push((e.path(), fs::read(e.path()).unwrap_or_default()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Polls `cond` until it holds or `limit` passes.
+pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    cond()
+}
+
+/// Containers that the kmodforge process `pid` started, as the engine lists them.
+pub fn containers_of(engine: &str, pid: u32) -> Vec<String> {
+    let filter = format!("label=kmodforge.pid={pid}");
+    let out = Command::new(engine)
+        .args(["ps", "-aq", "--filter", &filter])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(String::from)
+        .collect()
+}
+
+/// A Docker daemon for the tests: the one already running, or one started here (as
+/// root) with its storage under target/, stopped when the guard is dropped.
+pub struct Dockerd {
+    child: Option<std::process::Child>,
+    pub host: Option<String>,
+}
+
+impl Drop for Dockerd {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.child {
+            let _ = Command::new("kill").arg(c.id().to_string()).status();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn dockerd() -> Dockerd {
+    require("docker", "docker.io");
+    require("dockerd", "docker.io");
+    if Command::new("docker")
+        .arg("info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap()
+        .success()
+    {
+        return Dockerd {
+            child: None,
+            host: None,
+        };
+    }
+    let root = repo_root().join("target/test-dockerd");
+    fs::create_dir_all(&root).unwrap();
+    let sock = format!("unix://{}/docker.sock", root.display());
+    let log = fs::File::create(root.join("dockerd.log")).unwrap();
+    let child = Command::new("dockerd")
+        .arg("--data-root")
+        .arg(root.join("data"))
+        .arg("--exec-root")
+        .arg("/tmp/kmodforge-test-dockerd")
+        .arg("--pidfile")
+        .arg(root.join("dockerd.pid"))
+        .arg("-H")
+        .arg(&sock)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("start dockerd");
+    let ready = wait_until(Duration::from_secs(60), || {
+        Command::new("docker")
+            .args(["-H", &sock, "info"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap()
+            .success()
+    });
+    assert!(
+        ready,
+        "dockerd did not start; see {}",
+        root.join("dockerd.log").display()
+    );
+    Dockerd {
+        child: Some(child),
+        host: Some(sock),
+    }
+}
