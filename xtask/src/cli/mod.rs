@@ -30,7 +30,7 @@ Rust-for-Linux). `build-all` compiles every module for every kernel in container
 runs depmod, and leaves <out>/<kver>/lib/modules/<kver>/ ready for an image.";
 
 #[derive(Parser)]
-#[command(name = "cargo xtask", about = ABOUT, long_about = LONG_ABOUT, version)]
+#[command(name = "cargo xtask", bin_name = "cargo xtask", about = ABOUT, long_about = LONG_ABOUT, version)]
 struct Cli {
     /// The inventory to read; modules/ and images/ are found beside it.
     #[arg(long, global = true, env = "KMODFORGE_CONFIG", value_name = "FILE")]
