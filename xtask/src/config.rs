@@ -28,7 +28,55 @@ pub struct Config {
     pub kernels: Vec<Kernel>,
     pub toolchains: BTreeMap<String, Toolchain>,
     pub modules: Vec<Module>,
+    pub image: ImageSettings,
+    pub kmm: KmmSettings,
+    /// TLS opt-ins by registry host (`host` or `host:port`).
+    pub registries: BTreeMap<String, RegistryTls>,
 }
+
+/// How kmod images are named and made (`[image]`).
+#[derive(Debug, Clone)]
+pub struct ImageSettings {
+    /// The image reference, a template with KMM's variables; its tag is normalized
+    /// the way KMM normalizes it.
+    pub name: String,
+    /// Where `lib/modules/<kver>/` goes in the image (KMM's `dirName`).
+    pub prefix: String,
+    pub base: ImageBase,
+    /// `org.opencontainers.image.source`; default: the git remote `origin`.
+    pub source: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImageBase {
+    /// An image from local storage or a registry (ubi-minimal by default).
+    Reference(String),
+    /// `scratch` plus Debian's static busybox providing `sh`, `mkdir` and `cp`, made by
+    /// kmodforge from the Debian archive (suite and APT sources).
+    Busybox { suite: String, sources: Vec<String> },
+}
+
+/// The KMM Module the images are for (`[kmm]`): `${MOD_NAME}`, `${MOD_NAMESPACE}`.
+#[derive(Debug, Clone)]
+pub struct KmmSettings {
+    pub name: String,
+    pub namespace: String,
+}
+
+/// KMM's `registryTLS` for one registry; both default to false (verified HTTPS).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RegistryTls {
+    /// Plain HTTP.
+    #[serde(default)]
+    pub insecure: bool,
+    /// HTTPS without certificate verification.
+    #[serde(default)]
+    pub insecure_skip_tls_verify: bool,
+}
+
+pub const UBI_MINIMAL: &str = "registry.access.redhat.com/ubi9/ubi-minimal:latest";
+pub const DEFAULT_IMAGE_NAME: &str = "localhost/kmodforge/${MOD_NAME}:${KERNEL_FULL_VERSION}";
 
 /// One kernel to build for.
 #[derive(Debug, Clone)]
@@ -114,6 +162,42 @@ struct RawFile {
     toolchains: BTreeMap<String, Spanned<RawToolchain>>,
     #[serde(default)]
     kernel: Vec<Spanned<RawKernel>>,
+    #[serde(default)]
+    image: RawImage,
+    #[serde(default)]
+    kmm: RawKmm,
+    #[serde(default)]
+    registries: BTreeMap<String, RegistryTls>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawImage {
+    name: Option<Spanned<String>>,
+    prefix: Option<Spanned<String>>,
+    base: Option<Spanned<String>>,
+    source: Option<String>,
+    busybox: Option<RawBusybox>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawBusybox {
+    #[serde(default = "default_suite")]
+    suite: String,
+    #[serde(default)]
+    sources: Vec<String>,
+}
+
+fn default_suite() -> String {
+    "bookworm".into()
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawKmm {
+    name: Option<Spanned<String>>,
+    namespace: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -266,6 +350,8 @@ impl Config {
             });
         }
 
+        let kmm = kmm_settings(source, &raw.kmm, &mut diags);
+        let image = image_settings(source, &raw.image, &kmm, &mut diags);
         diags.into_result()?;
         let config = Config {
             path: source.path.clone(),
@@ -273,6 +359,9 @@ impl Config {
             kernels,
             toolchains,
             modules,
+            image,
+            kmm,
+            registries: raw.registries,
         };
         config.check_module_selection()?;
         Ok(config)
@@ -426,6 +515,104 @@ fn toolchain(
         source: source_kind,
         kernel_source_dir,
     })
+}
+
+static DNS_LABEL: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$").unwrap());
+
+fn kmm_settings(source: &Source, raw: &RawKmm, diags: &mut Diagnostics) -> KmmSettings {
+    let mut get = |v: &Option<Spanned<String>>, default: &str, what: &str| match v {
+        Some(s) if DNS_LABEL.is_match(s.get_ref()) => s.get_ref().clone(),
+        Some(s) => {
+            diags.push(
+                source
+                    .error(
+                        &s.span(),
+                        format!("{what} {:?} is not a valid Kubernetes name", s.get_ref()),
+                    )
+                    .help("use lowercase letters, digits and '-', at most 63 characters"),
+            );
+            default.to_string()
+        }
+        None => default.to_string(),
+    };
+    KmmSettings {
+        name: get(&raw.name, "kmodforge", "kmm.name"),
+        namespace: get(&raw.namespace, "default", "kmm.namespace"),
+    }
+}
+
+impl KmmSettings {
+    /// KMM's variables for one kernel of this Module.
+    pub fn vars(&self, kver: &str) -> Vars {
+        Vars::kernel(kver)
+            .set("MOD_NAME", self.name.clone())
+            .set("MOD_NAMESPACE", self.namespace.clone())
+    }
+}
+
+fn image_settings(
+    source: &Source,
+    raw: &RawImage,
+    kmm: &KmmSettings,
+    diags: &mut Diagnostics,
+) -> ImageSettings {
+    let name =
+        match &raw.name {
+            Some(n) => {
+                let checked = kmm
+                    .vars("6.12.117+deb12-amd64")
+                    .expand(n.get_ref())
+                    .and_then(|e| crate::template::image_reference(&e).map(drop));
+                if let Err(e) = checked {
+                    diags.push(source.error(&n.span(), e).help(
+                        "e.g. name = \"quay.io/example/${MOD_NAME}:${KERNEL_FULL_VERSION}\"",
+                    ));
+                }
+                n.get_ref().clone()
+            }
+            None => DEFAULT_IMAGE_NAME.to_string(),
+        };
+    let prefix = match &raw.prefix {
+        Some(p) => {
+            let path = Path::new(p.get_ref());
+            let ok = path.is_absolute()
+                && path
+                    .components()
+                    .skip(1)
+                    .all(|c| matches!(c, std::path::Component::Normal(_)))
+                && path.components().count() > 1;
+            if !ok {
+                diags.push(
+                    source
+                        .error(
+                            &p.span(),
+                            format!("prefix {:?} is not an absolute path below /", p.get_ref()),
+                        )
+                        .help("KMM's default is \"/opt\""),
+                );
+            }
+            p.get_ref().trim_end_matches('/').to_string()
+        }
+        None => "/opt".to_string(),
+    };
+    let base = match (
+        raw.base.as_ref().map(|b| b.get_ref().as_str()),
+        &raw.busybox,
+    ) {
+        (Some("busybox"), b) => ImageBase::Busybox {
+            suite: b.as_ref().map_or_else(default_suite, |b| b.suite.clone()),
+            sources: b.as_ref().map(|b| b.sources.clone()).unwrap_or_default(),
+        },
+        (Some(other), _) => ImageBase::Reference(other.to_string()),
+        (None, _) => ImageBase::Reference(UBI_MINIMAL.to_string()),
+    };
+    ImageSettings {
+        name,
+        prefix,
+        base,
+        source: raw.source.clone(),
+    }
 }
 
 fn check_template(source: &Source, t: &Spanned<String>, vars: &Vars) -> Result<(), Diagnostic> {

@@ -13,37 +13,49 @@ pub struct Package {
     pub why: &'static str,
 }
 
-/// What `build-all` needs.
+const fn pkg(name: &'static str, program: &'static str, why: &'static str) -> Package {
+    Package { name, program, why }
+}
+
+/// What `build-all` and `image` need.
 pub const BUILD: &[Package] = &[
-    Package {
-        name: "podman",
-        program: "podman",
-        why: "container engine (or docker.io)",
-    },
-    Package {
-        name: "runc",
-        program: "runc",
-        why: "OCI runtime podman uses on cgroup v1 hosts",
-    },
-    Package {
-        name: "mmdebstrap",
-        program: "mmdebstrap",
-        why: "makes base images from the Debian archive",
-    },
+    pkg("podman", "podman", "container engine (or docker.io)"),
+    pkg("runc", "runc", "OCI runtime podman uses on cgroup v1 hosts"),
+    pkg(
+        "mmdebstrap",
+        "mmdebstrap",
+        "makes base images from the Debian archive",
+    ),
+    pkg(
+        "skopeo",
+        "skopeo",
+        "copies images between local storage, OCI layouts and registries",
+    ),
 ];
 
 /// What the test suite needs beyond [`BUILD`].
 pub const TEST: &[Package] = &[
-    Package {
-        name: "docker.io",
-        program: "dockerd",
-        why: "the second engine the tests build with",
-    },
-    Package {
-        name: "kmod",
-        program: "modinfo",
-        why: "modinfo checks the built modules independently",
-    },
+    pkg(
+        "docker.io",
+        "dockerd",
+        "the second engine the tests build with",
+    ),
+    pkg(
+        "kmod",
+        "modinfo",
+        "modinfo checks the built modules independently",
+    ),
+    pkg(
+        "docker-registry",
+        "docker-registry",
+        "a real registry on loopback for push tests",
+    ),
+    pkg(
+        "openssl",
+        "openssl",
+        "a self-signed certificate for the HTTPS registry",
+    ),
+    pkg("git", "git", "the image's revision label"),
 ];
 
 /// Packages whose program is not on PATH.

@@ -85,6 +85,53 @@ pub fn normalize_tag(s: &str) -> String {
         .collect()
 }
 
+/// Splits an expanded image name into repository and tag, normalizes the tag the way
+/// KMM does, and checks the repository is a valid reference (lowercase path).
+pub fn image_reference(expanded: &str) -> Result<String, String> {
+    let slash = expanded.rfind('/').map_or(0, |i| i + 1);
+    let (repo, tag) = match expanded[slash..].find(':') {
+        Some(i) => (&expanded[..slash + i], &expanded[slash + i + 1..]),
+        None => {
+            return Err(format!(
+                "image name {expanded:?} has no tag: end it with :${{KERNEL_FULL_VERSION}}"
+            ));
+        }
+    };
+    let (host, path) = match repo.split_once('/') {
+        Some((h, p)) if h.contains(['.', ':']) || h == "localhost" => (Some(h), p),
+        _ => (None, repo),
+    };
+    let component_ok = |c: &str| {
+        !c.is_empty()
+            && c.chars()
+                .all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || "._-".contains(ch))
+            && c.starts_with(|ch: char| ch.is_ascii_alphanumeric())
+            && c.ends_with(|ch: char| ch.is_ascii_alphanumeric())
+    };
+    if path.split('/').any(|c| !component_ok(c))
+        || host.is_some_and(|h| h.is_empty() || h.contains(['/', ' ']))
+    {
+        return Err(format!(
+            "image repository {repo:?} is not valid: use lowercase letters, digits, '.', '_', '-' and '/'"
+        ));
+    }
+    let tag = normalize_tag(tag);
+    if tag.is_empty() || tag.len() > 128 {
+        return Err(format!(
+            "image tag of {expanded:?} must be 1 to 128 characters"
+        ));
+    }
+    Ok(format!("{repo}:{tag}"))
+}
+
+/// The registry host of an image reference (`docker.io` when it names none).
+pub fn registry_host(reference: &str) -> &str {
+    match reference.split_once('/') {
+        Some((h, _)) if h.contains(['.', ':']) || h == "localhost" => h,
+        _ => "docker.io",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -111,6 +158,31 @@ mod tests {
         assert!(err.contains("${KERNEL_XYZ}"), "{err}");
         assert!(v.expand("x${KERNEL_X").unwrap_err().contains("unclosed"));
         assert_eq!(v.expand("no vars $ here").unwrap(), "no vars $ here");
+    }
+
+    #[test]
+    fn image_references_keep_the_repository_and_normalize_the_tag() {
+        assert_eq!(
+            image_reference("quay.io/a/b:6.12.117+deb12-amd64").unwrap(),
+            "quay.io/a/b:6.12.117_deb12-amd64"
+        );
+        assert_eq!(
+            image_reference("127.0.0.1:5000/kmods:6.1.0-47-amd64").unwrap(),
+            "127.0.0.1:5000/kmods:6.1.0-47-amd64"
+        );
+        assert!(
+            image_reference("127.0.0.1:5000/kmods")
+                .unwrap_err()
+                .contains("has no tag")
+        );
+        assert!(
+            image_reference("quay.io/Upper/b:1")
+                .unwrap_err()
+                .contains("not valid")
+        );
+        assert_eq!(registry_host("127.0.0.1:5000/kmods:x"), "127.0.0.1:5000");
+        assert_eq!(registry_host("localhost/kmodforge/x:1"), "localhost");
+        assert_eq!(registry_host("library/debian:12"), "docker.io");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The command line: flags, dispatch, and everything that prints.
 
+mod image;
 mod report;
 mod summary;
 
@@ -13,10 +14,11 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::config::{Config, ToolchainSource};
 use crate::engine::{Engine, EngineKind};
+use crate::pipeline::BuildReport;
 use crate::plan::Plan;
 use crate::process;
-use crate::progress::Status;
-use crate::state::Layout;
+use crate::progress::{Reporter, Status};
+use crate::state::{Layout, OutputLock};
 use crate::{deps, pipeline};
 pub use report::ProgressMode;
 
@@ -26,8 +28,9 @@ kmodforge: build out-of-tree kernel modules into KMM kmod images.
 
 kernels.toml lists the kernels to support (as `uname -r` prints them) and the
 toolchain image that builds for each; modules/ holds the modules (C or
-Rust-for-Linux). `build-all` compiles every module for every kernel in containers,
-runs depmod, and leaves <out>/<kver>/lib/modules/<kver>/ ready for an image.";
+Rust-for-Linux). `build-all` compiles every module for every kernel in containers and
+runs depmod; `image` packages a kernel's modules as the OCI image KMM loads
+(<prefix>/lib/modules/<kver>/).";
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", bin_name = "cargo xtask", about = ABOUT, long_about = LONG_ABOUT, version)]
@@ -68,6 +71,15 @@ enum Command {
         #[command(flatten)]
         args: BuildArgs,
     },
+    /// Package kernels' modules as kmod images (building them first if needed).
+    ///
+    /// One reproducible OCI image per kernel: [image] base (ubi-minimal by default) plus
+    /// one layer holding <prefix>/lib/modules/<kver>/ with every .ko and depmod's
+    /// files. It is written to <out>/images/<kver>/ (an OCI layout) and loaded into the
+    /// engine's storage; --oci-archive writes a file too, --push sends it to its
+    /// registry (skipped when the registry already holds the same content).
+    /// SOURCE_DATE_EPOCH sets every time in the image (default: the last commit's).
+    Image(image::ImageArgs),
     /// Print the plan: each kernel, its toolchain, and the modules built for it.
     Plan,
     /// Show (or install, with apt-get) the host packages kmodforge and its tests use.
@@ -138,10 +150,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
         .clone()
         .unwrap_or_else(|| project_root().join("kernels.toml"));
     let config = Config::load(&config_path)?;
-    let out = cli.out.clone().unwrap_or_else(|| config.root.join("out"));
     match &cli.command {
-        Command::BuildAll(args) => build(&cli, &config, &out, None, args),
-        Command::Build { kernel, args } => build(&cli, &config, &out, Some(kernel), args),
+        Command::BuildAll(args) => build_command(&cli, config, None, args),
+        Command::Build { kernel, args } => build_command(&cli, config, Some(kernel), args),
+        Command::Image(args) => image::run(&cli, config, args),
         Command::Plan => {
             print_plan(&Plan::new(&config, None)?);
             Ok(ExitCode::SUCCESS)
@@ -150,52 +162,79 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
-fn build(
+/// What every command that builds needs: the config, the engine, the locked output
+/// directory and a reporter.
+struct Session {
+    config: Config,
+    engine: Arc<Engine>,
+    layout: Layout,
+    reporter: Box<dyn Reporter>,
+    _lock: OutputLock,
+}
+
+impl Session {
+    fn open(cli: &Cli, config: Config, args: &BuildArgs) -> Result<Session> {
+        if args.install_deps {
+            deps::install(true)?;
+        }
+        let out = cli.out.clone().unwrap_or_else(|| config.root.join("out"));
+        let engine = Arc::new(Engine::detect(cli.engine)?);
+        let layout = Layout::new(&out)?;
+        let reporter = report::reporter(cli.progress);
+        let lock = layout.lock(!args.no_wait, |msg| reporter.note(msg))?;
+        on_interrupt(engine.clone());
+        Ok(Session {
+            config,
+            engine,
+            layout,
+            reporter,
+            _lock: lock,
+        })
+    }
+
+    /// Builds the plan and prints the summary, the skips and every failure.
+    fn build(&self, plan: &Plan, args: &BuildArgs) -> Result<BuildReport> {
+        let jobs = args
+            .jobs
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+        let report = pipeline::build(
+            plan,
+            &self.engine,
+            &self.layout,
+            jobs,
+            self.reporter.as_ref(),
+        )?;
+        if report.jobs.iter().any(|j| j.status != Status::Fresh) {
+            print!("{}", summary::table(plan, &report));
+        } else {
+            println!(
+                "nothing to do: all {} jobs are up to date",
+                report.jobs.len()
+            );
+        }
+        for j in &report.jobs {
+            if let Status::Skipped(why) = &j.status {
+                eprintln!("note: {} skipped: {why}", j.label);
+            }
+        }
+        for j in report.failures() {
+            if let Status::Failed(m) = &j.status {
+                eprintln!("\nerror: {} failed: {}", j.label, indent(m));
+            }
+        }
+        Ok(report)
+    }
+}
+
+fn build_command(
     cli: &Cli,
-    config: &Config,
-    out: &Path,
+    config: Config,
     kernel: Option<&str>,
     args: &BuildArgs,
 ) -> Result<ExitCode> {
-    let plan = Plan::new(config, kernel)?;
-    let engine = Arc::new(Engine::detect(cli.engine)?);
-    let layout = Layout::new(out)?;
-    let reporter = report::reporter(cli.progress);
-    let _lock = layout.lock(!args.no_wait, |msg| reporter.note(msg))?;
-    on_interrupt(engine.clone());
-
-    let jobs = args
-        .jobs
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
-    let report = pipeline::build(&plan, &engine, &layout, jobs, reporter.as_ref())?;
-
-    let ran = report
-        .jobs
-        .iter()
-        .any(|j| !matches!(j.status, Status::Fresh));
-    if ran {
-        print!("{}", summary::table(&plan, &report));
-    } else {
-        println!(
-            "nothing to do: all {} jobs are up to date",
-            report.jobs.len()
-        );
-    }
-    for j in &report.jobs {
-        if let Status::Skipped(why) = &j.status {
-            eprintln!("note: {} skipped: {why}", j.label);
-        }
-    }
-    for j in report.failures() {
-        eprintln!(
-            "\nerror: {} failed: {}",
-            j.label,
-            indent(match &j.status {
-                Status::Failed(m) => m,
-                _ => unreachable!(),
-            })
-        );
-    }
+    let session = Session::open(cli, config, args)?;
+    let plan = Plan::new(&session.config, kernel)?;
+    let report = session.build(&plan, args)?;
     if process::cancelled() {
         eprintln!("\ninterrupted: containers of this run were removed; finished outputs are kept");
         return Ok(ExitCode::from(130));
@@ -210,7 +249,10 @@ fn build(
         );
         return Ok(ExitCode::FAILURE);
     }
-    println!("staging trees: {}", crate::diag::display_path(&layout.out));
+    println!(
+        "staging trees: {}",
+        crate::diag::display_path(&session.layout.out)
+    );
     Ok(ExitCode::SUCCESS)
 }
 

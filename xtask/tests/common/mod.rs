@@ -295,3 +295,188 @@ pub fn dockerd() -> Dockerd {
         host: Some(sock),
     }
 }
+
+/// A real registry (Debian's docker-registry) on a free loopback port, over plain HTTP
+/// or over HTTPS with a fresh self-signed certificate; stopped when dropped.
+pub struct Registry {
+    child: std::process::Child,
+    pub host: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn registry(tls: bool) -> Registry {
+    require("docker-registry", "docker-registry");
+    let dir = tempfile::Builder::new()
+        .prefix("kmodforge-registry-")
+        .tempdir()
+        .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let host = format!("127.0.0.1:{port}");
+    let mut yaml = format!(
+        "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {host}\n",
+        dir.path().join("data").display()
+    );
+    if tls {
+        require("openssl", "openssl");
+        let ok = Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=127.0.0.1",
+            ])
+            .args(["-addext", "subjectAltName=IP:127.0.0.1"])
+            .arg("-keyout")
+            .arg(dir.path().join("key.pem"))
+            .arg("-out")
+            .arg(dir.path().join("cert.pem"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "openssl could not make a certificate");
+        yaml.push_str(&format!(
+            "  tls:\n    certificate: {}\n    key: {}\n",
+            dir.path().join("cert.pem").display(),
+            dir.path().join("key.pem").display()
+        ));
+    }
+    fs::write(dir.path().join("config.yml"), yaml).unwrap();
+    let log = fs::File::create(dir.path().join("registry.log")).unwrap();
+    let child = Command::new("docker-registry")
+        .arg("serve")
+        .arg(dir.path().join("config.yml"))
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let up = wait_until(Duration::from_secs(30), || {
+        std::net::TcpStream::connect(&host).is_ok()
+    });
+    assert!(
+        up,
+        "docker-registry did not start; see {}",
+        dir.path().join("registry.log").display()
+    );
+    Registry {
+        child,
+        host,
+        _dir: dir,
+    }
+}
+
+/// `skopeo inspect` of an image in a registry, TLS verification off (the tests' own
+/// registries), as JSON.
+pub fn skopeo_inspect(reference: &str, raw: bool) -> Option<serde_json::Value> {
+    let mut cmd = Command::new("skopeo");
+    cmd.arg("inspect").arg("--tls-verify=false");
+    if raw {
+        cmd.arg("--raw");
+    }
+    let out = cmd.arg(format!("docker://{reference}")).output().unwrap();
+    out.status
+        .success()
+        .then(|| serde_json::from_slice(&out.stdout).unwrap())
+}
+
+/// Makes the project a git repository with one commit (for the revision label).
+pub fn git_commit(p: &Project) {
+    require("git", "git");
+    for args in [
+        vec!["init", "-q"],
+        vec!["add", "-A"],
+        vec![
+            "-c",
+            "user.name=kmodforge",
+            "-c",
+            "user.email=test@kmodforge.invalid",
+            "commit",
+            "-q",
+            "-m",
+            "test",
+        ],
+    ] {
+        let ok = Command::new("git")
+            .arg("-C")
+            .arg(p.path())
+            .args(&args)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "git {args:?}");
+    }
+}
+
+/// The image's manifest, config and the entries of each layer, read from the OCI
+/// layout with plain tar and JSON (not kmodforge's own reader).
+pub struct LayoutImage {
+    pub manifest: serde_json::Value,
+    pub config: serde_json::Value,
+    pub layers: Vec<Vec<LayerEntry>>,
+    pub blobs: Vec<Vec<u8>>,
+}
+
+/// One entry of a layer as plain tar reads it.
+pub struct LayerEntry {
+    pub path: String,
+    pub uid: u64,
+    pub mtime: u64,
+    pub data: Vec<u8>,
+}
+
+pub fn read_layout(dir: &Path) -> LayoutImage {
+    let blob =
+        |digest: &str| fs::read(dir.join("blobs").join(digest.replacen(':', "/", 1))).unwrap();
+    let index: serde_json::Value =
+        serde_json::from_slice(&fs::read(dir.join("index.json")).unwrap()).unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&blob(index["manifests"][0]["digest"].as_str().unwrap())).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_slice(&blob(manifest["config"]["digest"].as_str().unwrap())).unwrap();
+    let mut layers = Vec::new();
+    for l in manifest["layers"].as_array().unwrap() {
+        let mut entries = Vec::new();
+        let gz = blob(l["digest"].as_str().unwrap());
+        let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(gz.as_slice()));
+        for e in archive.entries().unwrap() {
+            let mut e = e.unwrap();
+            let h = e.header().clone();
+            let mut data = Vec::new();
+            std::io::Read::read_to_end(&mut e, &mut data).unwrap();
+            entries.push(LayerEntry {
+                path: e.path().unwrap().to_string_lossy().into_owned(),
+                uid: h.uid().unwrap(),
+                mtime: h.mtime().unwrap(),
+                data,
+            });
+        }
+        layers.push(entries);
+    }
+    let blobs = fs::read_dir(dir.join("blobs/sha256"))
+        .unwrap()
+        .map(|e| fs::read(e.unwrap().path()).unwrap())
+        .collect();
+    LayoutImage {
+        manifest,
+        config,
+        layers,
+        blobs,
+    }
+}

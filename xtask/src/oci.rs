@@ -1,0 +1,354 @@
+//! OCI image layouts on disk and deterministic layers.
+//!
+//! Blobs are written to a temporary file and renamed to their digest; JSON is written
+//! canonically (keys sorted), so the same image always has the same digest. A layer is
+//! a tar with sorted entries, owner 0:0, fixed modes and every time set to one epoch,
+//! gzip-compressed with a fixed header.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use oci_spec::image::{Descriptor, DescriptorBuilder, ImageIndexBuilder, ImageManifest, MediaType};
+use serde::{Serialize, de::DeserializeOwned};
+use sha2::{Digest, Sha256};
+
+use crate::diag::display_path;
+use crate::state::hex;
+
+pub fn sha256(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex(&Sha256::digest(bytes)))
+}
+
+/// JSON with sorted keys and no insignificant white space.
+pub fn canonical_json(value: &impl Serialize) -> Result<Vec<u8>> {
+    // serde_json's Map is a BTreeMap: going through Value sorts every object's keys,
+    // including oci-spec's HashMaps.
+    Ok(serde_json::to_vec(&serde_json::to_value(value)?)?)
+}
+
+/// An OCI image layout directory.
+pub struct OciDir {
+    pub dir: PathBuf,
+}
+
+impl OciDir {
+    pub fn create(dir: &Path) -> Result<OciDir> {
+        fs::create_dir_all(dir.join("blobs/sha256"))?;
+        fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+        Ok(OciDir {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    pub fn open(dir: &Path) -> Result<OciDir> {
+        if !dir.join("index.json").is_file() {
+            bail!(
+                "{} is not an OCI image layout (no index.json)",
+                display_path(dir)
+            );
+        }
+        Ok(OciDir {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    pub fn blob_path(&self, digest: &str) -> PathBuf {
+        self.dir.join("blobs").join(digest.replacen(':', "/", 1))
+    }
+
+    pub fn write_blob(&self, bytes: &[u8]) -> Result<(String, u64)> {
+        let digest = sha256(bytes);
+        let path = self.blob_path(&digest);
+        if !path.exists() {
+            let mut tmp = tempfile::NamedTempFile::new_in(self.dir.join("blobs/sha256"))?;
+            tmp.write_all(bytes)?;
+            tmp.persist(&path)?;
+        }
+        Ok((digest, bytes.len() as u64))
+    }
+
+    pub fn write_json(&self, value: &impl Serialize) -> Result<(String, u64)> {
+        self.write_blob(&canonical_json(value)?)
+    }
+
+    pub fn read_blob(&self, digest: &str) -> Result<Vec<u8>> {
+        let path = self.blob_path(digest);
+        fs::read(&path).with_context(|| format!("cannot read blob {}", display_path(&path)))
+    }
+
+    pub fn read_json<T: DeserializeOwned>(&self, digest: &str) -> Result<T> {
+        serde_json::from_slice(&self.read_blob(digest)?)
+            .with_context(|| format!("blob {digest} is not the JSON expected"))
+    }
+
+    /// Makes `digest` from `other` available here (a hard link when possible).
+    pub fn import_blob(&self, other: &OciDir, digest: &str) -> Result<()> {
+        let (from, to) = (other.blob_path(digest), self.blob_path(digest));
+        if to.exists() {
+            return Ok(());
+        }
+        if fs::hard_link(&from, &to).is_err() {
+            fs::copy(&from, &to).with_context(|| format!("cannot copy {}", display_path(&from)))?;
+        }
+        Ok(())
+    }
+
+    /// Writes index.json with the one manifest, named `tag`.
+    pub fn set_index(&self, manifest: &Descriptor, tag: &str) -> Result<()> {
+        let mut desc = manifest.clone();
+        desc.set_annotations(Some(
+            [(
+                "org.opencontainers.image.ref.name".to_string(),
+                tag.to_string(),
+            )]
+            .into(),
+        ));
+        let index = ImageIndexBuilder::default()
+            .schema_version(2u32)
+            .media_type(MediaType::ImageIndex)
+            .manifests(vec![desc])
+            .build()?;
+        fs::write(self.dir.join("index.json"), canonical_json(&index)?)?;
+        Ok(())
+    }
+
+    /// The layout's one manifest (the first in index.json) and its descriptor.
+    pub fn manifest(&self) -> Result<(Descriptor, ImageManifest)> {
+        let index: serde_json::Value =
+            serde_json::from_slice(&fs::read(self.dir.join("index.json"))?)?;
+        let first = index["manifests"]
+            .get(0)
+            .context("index.json lists no manifest")?;
+        let desc: Descriptor = serde_json::from_value(first.clone())?;
+        let manifest = self.read_json(desc.digest().as_ref())?;
+        Ok((desc, manifest))
+    }
+}
+
+pub fn descriptor(media_type: MediaType, digest: &str, size: u64) -> Result<Descriptor> {
+    Ok(DescriptorBuilder::default()
+        .media_type(media_type)
+        .digest(digest.parse::<oci_spec::image::Digest>()?)
+        .size(size)
+        .build()?)
+}
+
+/// One entry of a layer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Entry {
+    Dir {
+        path: String,
+    },
+    File {
+        path: String,
+        mode: u32,
+        data: Vec<u8>,
+    },
+    Symlink {
+        path: String,
+        target: String,
+    },
+}
+
+impl Entry {
+    pub fn path(&self) -> &str {
+        match self {
+            Entry::Dir { path } | Entry::File { path, .. } | Entry::Symlink { path, .. } => path,
+        }
+    }
+}
+
+/// A gzip-compressed layer and the digest of its uncompressed tar (the diff ID).
+pub struct Layer {
+    pub gzip: Vec<u8>,
+    pub diff_id: String,
+}
+
+/// Writes `entries` (paths relative to `/`) as a reproducible layer: sorted, 0:0,
+/// directories 0755, every time `epoch`.
+pub fn layer(mut entries: Vec<Entry>, epoch: u64) -> Result<Layer> {
+    entries.sort_by(|a, b| a.path().cmp(b.path()));
+    let mut builder = tar::Builder::new(Vec::new());
+    for e in &entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(epoch);
+        match e {
+            Entry::Dir { path } => {
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_mode(0o755);
+                h.set_size(0);
+                builder.append_data(&mut h, format!("{path}/"), std::io::empty())?;
+            }
+            Entry::File { path, mode, data } => {
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_mode(*mode);
+                h.set_size(data.len() as u64);
+                builder.append_data(&mut h, path, data.as_slice())?;
+            }
+            Entry::Symlink { path, target } => {
+                h.set_entry_type(tar::EntryType::Symlink);
+                h.set_mode(0o777);
+                h.set_size(0);
+                builder.append_link(&mut h, path, target)?;
+            }
+        }
+    }
+    let tar = builder.into_inner()?;
+    let mut gz = flate2::GzBuilder::new()
+        .mtime(0)
+        .operating_system(255)
+        .write(Vec::new(), flate2::Compression::default());
+    gz.write_all(&tar)?;
+    Ok(Layer {
+        gzip: gz.finish()?,
+        diff_id: sha256(&tar),
+    })
+}
+
+/// The entries of a gzip-compressed layer, in order (for checks and tests).
+pub fn list_layer(gzip: &[u8]) -> Result<Vec<(String, tar::EntryType, u32, u64)>> {
+    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(gzip));
+    let mut out = Vec::new();
+    for e in archive.entries()? {
+        let e = e?;
+        let h = e.header();
+        out.push((
+            e.path()?.to_string_lossy().into_owned(),
+            h.entry_type(),
+            h.mode()?,
+            h.mtime()?,
+        ));
+    }
+    Ok(out)
+}
+
+/// Writes the directory `dir` as a tar at `dest` with sorted entries and fixed
+/// metadata: an `oci-archive` that is the same bytes for the same layout.
+pub fn archive(dir: &Path, dest: &Path) -> Result<()> {
+    let mut entries = Vec::new();
+    for rel in crate::state::walk_files(dir)? {
+        let data = fs::read(dir.join(&rel))?;
+        entries.push(Entry::File {
+            path: rel.to_string_lossy().into_owned(),
+            mode: 0o644,
+            data,
+        });
+    }
+    entries.sort_by(|a, b| a.path().cmp(b.path()));
+    let mut builder = tar::Builder::new(Vec::new());
+    let mut dirs_done = std::collections::BTreeSet::new();
+    for e in &entries {
+        let Entry::File { path, data, .. } = e else {
+            continue;
+        };
+        let mut parent = String::new();
+        for part in Path::new(path)
+            .parent()
+            .into_iter()
+            .flat_map(|p| p.components())
+        {
+            parent = if parent.is_empty() {
+                part.as_os_str().to_string_lossy().into()
+            } else {
+                format!("{parent}/{}", part.as_os_str().to_string_lossy())
+            };
+            if dirs_done.insert(parent.clone()) {
+                let mut h = tar::Header::new_gnu();
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_mode(0o755);
+                h.set_size(0);
+                h.set_mtime(0);
+                builder.append_data(&mut h, format!("{parent}/"), std::io::empty())?;
+            }
+        }
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o644);
+        h.set_size(data.len() as u64);
+        h.set_mtime(0);
+        builder.append_data(&mut h, path, data.as_slice())?;
+    }
+    crate::state::write_atomic(dest, &builder.into_inner()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Vec<Entry> {
+        vec![
+            Entry::File {
+                path: "opt/lib/modules/6.1.0-47-amd64/b.ko".into(),
+                mode: 0o644,
+                data: b"b".to_vec(),
+            },
+            Entry::Dir { path: "opt".into() },
+            Entry::Dir {
+                path: "opt/lib/modules/6.1.0-47-amd64".into(),
+            },
+            Entry::Symlink {
+                path: "bin/sh".into(),
+                target: "busybox".into(),
+            },
+        ]
+    }
+
+    #[test]
+    fn layers_are_reproducible_sorted_and_owned_by_root() {
+        let a = layer(sample(), 1700000000).unwrap();
+        let mut reversed = sample();
+        reversed.reverse();
+        let b = layer(reversed, 1700000000).unwrap();
+        assert_eq!(a.gzip, b.gzip, "entry order must not matter");
+        assert_eq!(a.diff_id, b.diff_id);
+        let listed = list_layer(&a.gzip).unwrap();
+        let paths: Vec<&str> = listed.iter().map(|e| e.0.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "bin/sh",
+                "opt/",
+                "opt/lib/modules/6.1.0-47-amd64/",
+                "opt/lib/modules/6.1.0-47-amd64/b.ko"
+            ]
+        );
+        assert!(listed.iter().all(|e| e.3 == 1700000000));
+        assert_eq!(listed[3].2, 0o644);
+        assert_ne!(
+            layer(sample(), 1).unwrap().gzip,
+            a.gzip,
+            "the epoch is in the layer"
+        );
+    }
+
+    #[test]
+    fn canonical_json_sorts_keys() {
+        let mut m = std::collections::HashMap::new();
+        for k in ["z", "a", "m"] {
+            m.insert(k.to_string(), 1);
+        }
+        assert_eq!(canonical_json(&m).unwrap(), br#"{"a":1,"m":1,"z":1}"#);
+    }
+
+    #[test]
+    fn blobs_are_named_by_digest_and_archives_are_stable() {
+        let d = tempfile::tempdir().unwrap();
+        let oci = OciDir::create(d.path()).unwrap();
+        let (digest, size) = oci.write_blob(b"hello").unwrap();
+        assert_eq!(
+            digest,
+            "sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
+        );
+        assert_eq!(size, 5);
+        assert_eq!(fs::read(oci.blob_path(&digest)).unwrap(), b"hello");
+        let (a, b) = (d.path().join("../a.tar"), d.path().join("../b.tar"));
+        archive(d.path(), &a).unwrap();
+        archive(d.path(), &b).unwrap();
+        assert_eq!(fs::read(&a).unwrap(), fs::read(&b).unwrap());
+        fs::remove_file(a).unwrap();
+        fs::remove_file(b).unwrap();
+    }
+}
