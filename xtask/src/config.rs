@@ -45,6 +45,10 @@ pub struct ImageSettings {
     pub base: ImageBase,
     /// `org.opencontainers.image.source`; default: the git remote `origin`.
     pub source: Option<String>,
+    /// Where Debian's static busybox comes from (the busybox base, the load test's
+    /// initramfs): a suite and APT source lines (none: mmdebstrap's default mirror).
+    pub busybox_suite: String,
+    pub busybox_sources: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,8 +56,8 @@ pub enum ImageBase {
     /// An image from local storage or a registry (ubi-minimal by default).
     Reference(String),
     /// `scratch` plus Debian's static busybox providing `sh`, `mkdir` and `cp`, made by
-    /// kmodforge from the Debian archive (suite and APT sources).
-    Busybox { suite: String, sources: Vec<String> },
+    /// kmodforge from the Debian archive.
+    Busybox,
 }
 
 /// The KMM Module the images are for (`[kmm]`): `${MOD_NAME}`, `${MOD_NAMESPACE}`.
@@ -267,6 +271,7 @@ impl Config {
             }
         }
 
+        share_bootstraps(&mut toolchains, &mut diags);
         let default_toolchain = raw.defaults.toolchain.as_ref();
         if let Some(t) = default_toolchain
             && !raw.toolchains.contains_key(t.get_ref())
@@ -442,6 +447,45 @@ impl Config {
     }
 }
 
+/// A base image's `bootstrap` is written once: every toolchain on the same base uses
+/// it. Two different bootstraps for one base image are an error.
+fn share_bootstraps(toolchains: &mut BTreeMap<String, Toolchain>, diags: &mut Diagnostics) {
+    let mut by_image: BTreeMap<String, (String, Bootstrap)> = BTreeMap::new();
+    for (name, tc) in toolchains.iter() {
+        if let ToolchainSource::Recipe(Recipe {
+            base:
+                Some(Base {
+                    image,
+                    bootstrap: Some(b),
+                }),
+            ..
+        }) = &tc.source
+        {
+            match by_image.get(image) {
+                Some((other, b2)) if b2 != b => diags.push(
+                    Diagnostic::new(format!(
+                        "toolchains {other} and {name} bootstrap the same base image {image} differently"
+                    ))
+                    .help("keep one [toolchains.<name>.bootstrap] table for it"),
+                ),
+                _ => {
+                    by_image.insert(image.clone(), (name.clone(), b.clone()));
+                }
+            }
+        }
+    }
+    for tc in toolchains.values_mut() {
+        if let ToolchainSource::Recipe(Recipe {
+            base: Some(base), ..
+        }) = &mut tc.source
+            && base.bootstrap.is_none()
+            && let Some((_, b)) = by_image.get(&base.image)
+        {
+            base.bootstrap = Some(b.clone());
+        }
+    }
+}
+
 fn toolchain(
     source: &Source,
     root: &Path,
@@ -596,22 +640,25 @@ fn image_settings(
         }
         None => "/opt".to_string(),
     };
-    let base = match (
-        raw.base.as_ref().map(|b| b.get_ref().as_str()),
-        &raw.busybox,
-    ) {
-        (Some("busybox"), b) => ImageBase::Busybox {
-            suite: b.as_ref().map_or_else(default_suite, |b| b.suite.clone()),
-            sources: b.as_ref().map(|b| b.sources.clone()).unwrap_or_default(),
-        },
-        (Some(other), _) => ImageBase::Reference(other.to_string()),
-        (None, _) => ImageBase::Reference(UBI_MINIMAL.to_string()),
+    let base = match raw.base.as_ref().map(|b| b.get_ref().as_str()) {
+        Some("busybox") => ImageBase::Busybox,
+        Some(other) => ImageBase::Reference(other.to_string()),
+        None => ImageBase::Reference(UBI_MINIMAL.to_string()),
     };
     ImageSettings {
         name,
         prefix,
         base,
         source: raw.source.clone(),
+        busybox_suite: raw
+            .busybox
+            .as_ref()
+            .map_or_else(default_suite, |b| b.suite.clone()),
+        busybox_sources: raw
+            .busybox
+            .as_ref()
+            .map(|b| b.sources.clone())
+            .unwrap_or_default(),
     }
 }
 

@@ -303,8 +303,8 @@ fn resolve_base(
     log: &Path,
 ) -> Result<ResolvedBase> {
     match &config.image.base {
-        ImageBase::Busybox { suite, sources } => Ok(ResolvedBase {
-            oci: busybox_base(state, suite, sources, epoch, log)?,
+        ImageBase::Busybox => Ok(ResolvedBase {
+            oci: busybox_base(config, state, epoch, log)?,
             name: None,
         }),
         ImageBase::Reference(r) => {
@@ -370,29 +370,26 @@ fn resolve_base(
     }
 }
 
-/// `scratch` plus Debian's static busybox, with `sh`, `mkdir` and `cp` linked to it:
-/// exactly what KMM's worker runs in the image. The binary comes from the Debian
-/// archive (mmdebstrap's extract variant), so no registry is needed.
-fn busybox_base(
-    state: &Layout,
-    suite: &str,
-    sources: &[String],
-    epoch: u64,
-    log: &Path,
-) -> Result<OciDir> {
+/// Debian's static busybox (busybox-static), fetched once from the archive with
+/// mmdebstrap's extract variant (no registry, no container) and cached.
+pub fn busybox_binary(config: &Config, state: &Layout, log: &Path) -> Result<Vec<u8>> {
+    let (suite, sources) = (&config.image.busybox_suite, &config.image.busybox_sources);
     let mut fp = Fingerprint::new("busybox-v1");
     fp.field("suite", suite);
     for s in sources {
         fp.field("source", s);
     }
     let key = fp.finish();
-    let cache = state.out.join(".kmodforge/busybox").join(&key[..16]);
-    let binary = cache.join("busybox");
+    let binary = state
+        .out
+        .join(".kmodforge/busybox")
+        .join(&key[..16])
+        .join("busybox");
     if !binary.is_file() {
         require_program(
             "mmdebstrap",
             "mmdebstrap",
-            "the busybox base is made from the Debian archive with it",
+            "busybox-static is fetched from the Debian archive with it",
         )?;
         let tmp = state.scratch("busybox-")?;
         let tarball = tmp.path().join("rootfs.tar");
@@ -412,9 +409,10 @@ fn busybox_base(
         for entry in archive.entries()? {
             let mut entry = entry?;
             let path = entry.path()?.to_string_lossy().into_owned();
-            if path.trim_start_matches("./") == "bin/busybox"
-                || path.trim_start_matches("./") == "usr/bin/busybox"
-            {
+            if matches!(
+                path.trim_start_matches("./"),
+                "bin/busybox" | "usr/bin/busybox"
+            ) {
                 let mut data = Vec::new();
                 std::io::Read::read_to_end(&mut entry, &mut data)?;
                 found = Some(data);
@@ -422,10 +420,17 @@ fn busybox_base(
             }
         }
         let data = found.context("busybox-static did not contain bin/busybox")?;
-        fs::create_dir_all(&cache)?;
         crate::state::write_atomic(&binary, &data)?;
     }
-    let data = fs::read(&binary)?;
+    Ok(fs::read(&binary)?)
+}
+
+/// `scratch` plus Debian's static busybox, with `sh`, `mkdir` and `cp` linked to it:
+/// exactly what KMM's worker runs in the image.
+fn busybox_base(config: &Config, state: &Layout, epoch: u64, log: &Path) -> Result<OciDir> {
+    let data = busybox_binary(config, state, log)?;
+    let digest = crate::oci::sha256(&data);
+    let key = digest.trim_start_matches("sha256:");
     let mut entries = vec![
         Entry::Dir { path: "bin".into() },
         Entry::File {

@@ -13,6 +13,8 @@ pub mod deps;
 pub mod diag;
 pub mod engine;
 pub mod image;
+pub mod initramfs;
+pub mod loadtest;
 pub mod modinfo;
 pub mod modules;
 pub mod oci;

@@ -20,14 +20,16 @@ impl ModInfo {
     pub fn read(path: &Path) -> Result<ModInfo> {
         let data =
             std::fs::read(path).with_context(|| format!("cannot read {}", display_path(path)))?;
-        let file = object::File::parse(&*data)
-            .with_context(|| format!("{} is not an ELF object", display_path(path)))?;
-        let section = file.section_by_name(".modinfo").with_context(|| {
-            format!(
-                "{} has no .modinfo section: not a kernel module",
-                display_path(path)
-            )
-        })?;
+        ModInfo::from_elf(&data)
+            .with_context(|| format!("{} is not a kernel module", display_path(path)))
+    }
+
+    /// The `.modinfo` of a module's bytes.
+    pub fn from_elf(data: &[u8]) -> Result<ModInfo> {
+        let file = object::File::parse(data).context("not an ELF object")?;
+        let section = file
+            .section_by_name(".modinfo")
+            .context("no .modinfo section")?;
         Ok(ModInfo::parse(section.data()?))
     }
 

@@ -226,6 +226,159 @@ pub fn list_layer(gzip: &[u8]) -> Result<Vec<(String, tar::EntryType, u32, u64)>
     Ok(out)
 }
 
+/// A node of an image's file system.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Node {
+    Dir,
+    /// A regular file; `data` is kept only where the caller asked for it.
+    File {
+        mode: u32,
+        data: Option<Vec<u8>>,
+    },
+    Symlink(String),
+}
+
+/// The image's file system: every layer applied in order, whiteouts honoured. Paths
+/// are relative to `/`, without a trailing slash. File contents are kept for the paths
+/// `keep_data` accepts.
+pub fn filesystem(
+    oci: &OciDir,
+    keep_data: impl Fn(&str) -> bool,
+) -> Result<std::collections::BTreeMap<String, Node>> {
+    use std::collections::BTreeMap;
+    let (_, manifest) = oci.manifest()?;
+    let mut fs: BTreeMap<String, Node> = BTreeMap::new();
+    for l in manifest.layers() {
+        let blob = oci.read_blob(l.digest().as_ref())?;
+        let reader: Box<dyn std::io::Read> = if blob.starts_with(&[0x1f, 0x8b]) {
+            Box::new(flate2::read::GzDecoder::new(blob.as_slice()))
+        } else {
+            Box::new(blob.as_slice())
+        };
+        let mut archive = tar::Archive::new(reader);
+        for entry in archive.entries()? {
+            let mut entry = entry?;
+            let raw = entry.path()?.to_string_lossy().into_owned();
+            let path = raw
+                .trim_start_matches("./")
+                .trim_start_matches('/')
+                .trim_end_matches('/')
+                .to_string();
+            if path.is_empty() || path == "." {
+                continue;
+            }
+            let (dir, name) = path
+                .rsplit_once('/')
+                .map_or(("", path.as_str()), |(d, n)| (d, n));
+            let child_of = |d: &str, p: &str| {
+                if d.is_empty() {
+                    true
+                } else {
+                    p.starts_with(&format!("{d}/"))
+                }
+            };
+            if name == ".wh..wh..opq" {
+                fs.retain(|p, _| !(child_of(dir, p) && p != dir));
+                continue;
+            }
+            if let Some(gone) = name.strip_prefix(".wh.") {
+                let gone = if dir.is_empty() {
+                    gone.to_string()
+                } else {
+                    format!("{dir}/{gone}")
+                };
+                fs.retain(|p, _| p != &gone && !p.starts_with(&format!("{gone}/")));
+                continue;
+            }
+            let header = entry.header().clone();
+            let node = match header.entry_type() {
+                tar::EntryType::Directory => Node::Dir,
+                tar::EntryType::Symlink => Node::Symlink(
+                    entry
+                        .link_name()?
+                        .map(|l| l.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
+                ),
+                tar::EntryType::Link => {
+                    let target = entry
+                        .link_name()?
+                        .map(|l| l.to_string_lossy().trim_start_matches("./").to_string())
+                        .unwrap_or_default();
+                    fs.get(&target).cloned().unwrap_or(Node::File {
+                        mode: 0o644,
+                        data: None,
+                    })
+                }
+                _ => {
+                    let data = if keep_data(&path) {
+                        let mut d = Vec::new();
+                        std::io::Read::read_to_end(&mut entry, &mut d)?;
+                        Some(d)
+                    } else {
+                        None
+                    };
+                    Node::File {
+                        mode: header.mode()?,
+                        data,
+                    }
+                }
+            };
+            if node != Node::Dir {
+                fs.retain(|p, _| !p.starts_with(&format!("{path}/")));
+            }
+            fs.insert(path, node);
+        }
+    }
+    Ok(fs)
+}
+
+/// Follows symbolic links (absolute or relative, in any component) to the node a path
+/// names in `fs`, as the kernel would inside the image.
+pub fn resolve<'a>(
+    fs: &'a std::collections::BTreeMap<String, Node>,
+    path: &str,
+) -> Option<(String, &'a Node)> {
+    let mut parts: Vec<String> = Vec::new();
+    let mut todo: Vec<String> = path
+        .split('/')
+        .filter(|c| !c.is_empty())
+        .rev()
+        .map(str::to_string)
+        .collect();
+    let mut hops = 0;
+    while let Some(c) = todo.pop() {
+        match c.as_str() {
+            "." => continue,
+            ".." => {
+                parts.pop();
+                continue;
+            }
+            _ => {}
+        }
+        parts.push(c);
+        let here = parts.join("/");
+        if let Some(Node::Symlink(target)) = fs.get(&here) {
+            hops += 1;
+            if hops > 40 {
+                return None;
+            }
+            parts.pop();
+            if target.starts_with('/') {
+                parts.clear();
+            }
+            todo.extend(
+                target
+                    .split('/')
+                    .filter(|c| !c.is_empty())
+                    .rev()
+                    .map(str::to_string),
+            );
+        }
+    }
+    let here = parts.join("/");
+    fs.get(&here).map(|n| (here, n))
+}
+
 /// Writes the directory `dir` as a tar at `dest` with sorted entries and fixed
 /// metadata: an `oci-archive` that is the same bytes for the same layout.
 pub fn archive(dir: &Path, dest: &Path) -> Result<()> {
@@ -322,6 +475,81 @@ mod tests {
             a.gzip,
             "the epoch is in the layer"
         );
+    }
+
+    #[test]
+    fn filesystems_apply_layers_whiteouts_and_links() {
+        let d = tempfile::tempdir().unwrap();
+        let oci = OciDir::create(d.path()).unwrap();
+        let file = |p: &str, data: &[u8]| Entry::File {
+            path: p.into(),
+            mode: 0o755,
+            data: data.to_vec(),
+        };
+        let l1 = layer(
+            vec![
+                Entry::Dir { path: "usr".into() },
+                Entry::Dir {
+                    path: "usr/bin".into(),
+                },
+                file("usr/bin/coreutils", b"x"),
+                Entry::Symlink {
+                    path: "usr/bin/cp".into(),
+                    target: "coreutils".into(),
+                },
+                Entry::Symlink {
+                    path: "bin".into(),
+                    target: "usr/bin".into(),
+                },
+                Entry::Dir { path: "etc".into() },
+                file("etc/secret", b"s"),
+                file("etc/keep", b"k"),
+            ],
+            0,
+        )
+        .unwrap();
+        let l2 = layer(
+            vec![file("etc/.wh.secret", b""), file("usr/bin/mkdir", b"m")],
+            0,
+        )
+        .unwrap();
+        let mut layers = Vec::new();
+        for l in [&l1, &l2] {
+            let (digest, size) = oci.write_blob(&l.gzip).unwrap();
+            layers.push(descriptor(MediaType::ImageLayerGzip, &digest, size).unwrap());
+        }
+        let (cd, cs) = oci.write_blob(b"{}").unwrap();
+        let manifest = oci_spec::image::ImageManifestBuilder::default()
+            .schema_version(2u32)
+            .config(descriptor(MediaType::ImageConfig, &cd, cs).unwrap())
+            .layers(layers)
+            .build()
+            .unwrap();
+        let (md, ms) = oci.write_json(&manifest).unwrap();
+        oci.set_index(&descriptor(MediaType::ImageManifest, &md, ms).unwrap(), "t")
+            .unwrap();
+
+        let fs = filesystem(&oci, |p| p.starts_with("etc/")).unwrap();
+        assert!(!fs.contains_key("etc/secret"), "whiteout removes the file");
+        assert_eq!(
+            fs.get("etc/keep"),
+            Some(&Node::File {
+                mode: 0o755,
+                data: Some(b"k".to_vec())
+            })
+        );
+        assert_eq!(
+            fs.get("usr/bin/coreutils"),
+            Some(&Node::File {
+                mode: 0o755,
+                data: None
+            })
+        );
+        let (path, node) = resolve(&fs, "/bin/cp").unwrap();
+        assert_eq!(path, "usr/bin/coreutils");
+        assert!(matches!(node, Node::File { .. }));
+        assert_eq!(resolve(&fs, "/bin/mkdir").unwrap().0, "usr/bin/mkdir");
+        assert!(resolve(&fs, "/bin/sh").is_none());
     }
 
     #[test]

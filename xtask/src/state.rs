@@ -144,15 +144,20 @@ pub struct OutputLock {
     _file: File,
 }
 
+/// kmodforge's per-user cache: `$XDG_CACHE_HOME/kmodforge` (or `~/.cache/kmodforge`).
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir)
+        .join("kmodforge")
+}
+
 /// Serializes work on one machine-wide resource (an image in the engine's storage)
 /// between kmodforge processes, whatever their output directories: the second to
 /// come waits, then finds the first one's result.
 pub fn machine_lock(what: &str) -> Result<File> {
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(std::env::temp_dir);
-    let dir = base.join("kmodforge/locks");
+    let dir = cache_dir().join("locks");
     fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", display_path(&dir)))?;
     let name = &Fingerprint::new("lock").field("what", what).finish()[..16];
     let file = File::options()

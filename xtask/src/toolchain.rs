@@ -44,6 +44,9 @@ pub fn fingerprint(tc: &Toolchain, kver: &str) -> Result<String> {
     match &tc.source {
         ToolchainSource::Recipe(r) => {
             f.file("recipe", &r.containerfile)?;
+            for rel in context_files(&r.containerfile, &r.context)? {
+                f.file(&rel, &r.context.join(&rel))?;
+            }
             for (k, v) in &r.build_args {
                 f.field(k, v);
             }
@@ -64,6 +67,89 @@ pub fn fingerprint(tc: &Toolchain, kver: &str) -> Result<String> {
         }
     }
     Ok(f.finish())
+}
+
+/// The files of the recipe's folder that its `COPY`/`ADD` instructions read (all of
+/// the folder when a source has a wildcard), sorted. They are part of the toolchain's
+/// identity and of its build context.
+pub fn context_files(containerfile: &Path, context: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(containerfile)?;
+    let joined = text.replace("\\\n", " ");
+    let mut files = std::collections::BTreeSet::new();
+    for line in joined.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let Some(first) = words.first() else { continue };
+        if !first.eq_ignore_ascii_case("COPY") && !first.eq_ignore_ascii_case("ADD") {
+            continue;
+        }
+        if words.iter().any(|w| w.starts_with("--from")) {
+            continue;
+        }
+        let args: Vec<&str> = words[1..]
+            .iter()
+            .copied()
+            .filter(|w| !w.starts_with("--"))
+            .collect();
+        for src in args.iter().take(args.len().saturating_sub(1)) {
+            let src = src.trim_matches(|c| c == '[' || c == ']' || c == ',' || c == '"');
+            if src.contains(['*', '?', '[']) || src == "." || src.ends_with('/') {
+                return Ok(crate::state::walk_files(context)?
+                    .into_iter()
+                    .map(|p| p.to_string_lossy().into_owned())
+                    .collect());
+            }
+            let src = src.trim_start_matches("./");
+            // Made by kmodforge for every build, not a file of the recipe.
+            if src != HOST_CA {
+                files.insert(src.to_string());
+            }
+        }
+    }
+    Ok(files.into_iter().collect())
+}
+
+/// The name of the host's CA bundle in every recipe's build context.
+pub const HOST_CA: &str = "host-ca-certificates.crt";
+
+/// Where the host keeps its CA bundle (a TLS-intercepting proxy's CA included).
+fn host_ca_bundle() -> Option<std::path::PathBuf> {
+    std::env::var_os("SSL_CERT_FILE")
+        .map(std::path::PathBuf::from)
+        .into_iter()
+        .chain(
+            [
+                "/etc/ssl/certs/ca-certificates.crt",
+                "/etc/pki/tls/certs/ca-bundle.crt",
+            ]
+            .map(Into::into),
+        )
+        .find(|p| p.is_file())
+}
+
+/// A build context with just what the recipe reads, plus `host-ca-certificates.crt`:
+/// the host's CA bundle (empty when it has none), for recipes that fetch over HTTPS
+/// through the same proxies the host trusts.
+fn build_context(r: &crate::config::Recipe, layout: &Layout) -> Result<tempfile::TempDir> {
+    let dir = layout.scratch("context-")?;
+    let name = r.containerfile.file_name().context("a recipe is a file")?;
+    std::fs::copy(&r.containerfile, dir.path().join(name))?;
+    for rel in context_files(&r.containerfile, &r.context)? {
+        let dest = dir.path().join(&rel);
+        std::fs::create_dir_all(dest.parent().unwrap_or(dir.path()))?;
+        std::fs::copy(r.context.join(&rel), &dest).with_context(|| {
+            format!(
+                "{} copies {rel}, which is not in {}",
+                r.containerfile.display(),
+                r.context.display()
+            )
+        })?;
+    }
+    let ca = host_ca_bundle()
+        .map(std::fs::read)
+        .transpose()?
+        .unwrap_or_default();
+    std::fs::write(dir.path().join(HOST_CA), ca)?;
+    Ok(dir)
 }
 
 /// The image name: for a recipe, a local tag that carries the fingerprint; for a
@@ -172,8 +258,12 @@ pub fn ensure(
                     ("io.kmodforge.toolchain".into(), tc.name.clone()),
                     ("io.kmodforge.fingerprint".into(), fingerprint.to_string()),
                 ];
+                let context = build_context(r, layout)?;
+                let containerfile = context
+                    .path()
+                    .join(r.containerfile.file_name().unwrap_or_default());
                 engine
-                    .build(&r.containerfile, &r.context, &image, &args, &labels)
+                    .build(&containerfile, context.path(), &image, &args, &labels)
                     .run_logged(log, None)
                     .map_err(|e| {
                         anyhow::anyhow!(
@@ -301,6 +391,25 @@ fn parse_probe(out: &str, image: &str, kdir: &str, kver: &str) -> Result<Facts> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn copied_files_are_part_of_a_recipe() {
+        let d = tempfile::tempdir().unwrap();
+        let cf = d.path().join("r.Containerfile");
+        std::fs::write(d.path().join("a.config"), "x").unwrap();
+        std::fs::write(d.path().join("b.sh"), "x").unwrap();
+        std::fs::write(
+            &cf,
+            "FROM x AS k\nCOPY a.config /k/\nCOPY --chown=0:0 \\\n  b.sh ./a.config /k/\nCOPY --from=k /out /\nRUN echo COPY nothing\n",
+        )
+        .unwrap();
+        assert_eq!(context_files(&cf, d.path()).unwrap(), ["a.config", "b.sh"]);
+        std::fs::write(&cf, "FROM x\nADD *.sh /k/\n").unwrap();
+        assert_eq!(
+            context_files(&cf, d.path()).unwrap(),
+            ["a.config", "b.sh", "r.Containerfile"]
+        );
+    }
 
     #[test]
     fn probe_output_is_parsed_and_checked() {

@@ -3,6 +3,7 @@
 mod image;
 mod report;
 mod summary;
+mod test;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -80,6 +81,16 @@ enum Command {
     /// registry (skipped when the registry already holds the same content).
     /// SOURCE_DATE_EPOCH sets every time in the image (default: the last commit's).
     Image(image::ImageArgs),
+    /// Boot each kernel under QEMU and load its image's modules the way KMM does.
+    ///
+    /// The kernel is the exact one the image was built for (Debian's linux-image package,
+    /// or the one a toolchain built). An initramfs replays KMM's worker: it copies
+    /// <prefix>/lib/modules/<kver> out of the image's own tree, then runs `modprobe -vd`
+    /// and `modprobe -rvd` (kmod's) for every module, with [test] parameters from
+    /// module.toml. A module passes when it loads with its dependencies, shows in
+    /// /proc/modules, leaves no Oops/BUG/WARNING/"Unknown symbol" in the kernel log, and
+    /// unloads. Uses KVM when /dev/kvm is usable. Console: <out>/logs/<kver>/qemu-console.log.
+    Test(test::TestArgs),
     /// Print the plan: each kernel, its toolchain, and the modules built for it.
     Plan,
     /// Show (or install, with apt-get) the host packages kmodforge and its tests use.
@@ -154,6 +165,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::BuildAll(args) => build_command(&cli, config, None, args),
         Command::Build { kernel, args } => build_command(&cli, config, Some(kernel), args),
         Command::Image(args) => image::run(&cli, config, args),
+        Command::Test(args) => test::run(&cli, config, args),
         Command::Plan => {
             print_plan(&Plan::new(&config, None)?);
             Ok(ExitCode::SUCCESS)

@@ -1,0 +1,660 @@
+//! The load test: boots the exact kernel a kmod image was built for under QEMU and
+//! loads the image's modules the way KMM's worker does.
+//!
+//! The initramfs holds static busybox, the host's real kmod `modprobe` (busybox's has
+//! no `-d`) with the libraries it links, and the image's own `<prefix>` tree. Its
+//! `/init` replays KMM: `mkdir -p /tmp<prefix>/lib/modules; cp -R
+//! <prefix>/lib/modules/<kver> /tmp<prefix>/lib/modules`, then for every module
+//! `modprobe -vd /tmp<prefix> <module> <parameters>` and `modprobe -rvd ...`, printing
+//! markers, `/proc/modules` and the kernel log after each step. The console is parsed
+//! into one verdict per module.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::LazyLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use regex::Regex;
+
+use crate::engine::{Engine, Mount, Run};
+use crate::initramfs::Initramfs;
+use crate::modinfo::ModInfo;
+use crate::oci::Node;
+use crate::process::{Cmd, quote, which};
+use crate::state::Layout;
+
+/// One module the test loads.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Subject {
+    /// The module name (the `.ko` file name without `.ko`, `-` as `_`).
+    pub name: String,
+    pub parameters: Vec<String>,
+    /// What its `.modinfo` says it depends on: these must be loaded with it.
+    pub depends: Vec<String>,
+}
+
+/// How one module fared.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verdict {
+    pub module: String,
+    pub loaded: bool,
+    pub unloaded: bool,
+    /// Why it failed; `None` is a pass.
+    pub reason: Option<String>,
+}
+
+/// Gets the kernel image (vmlinuz) of `kver` out of its toolchain: `/boot` when the
+/// toolchain has it (the Rust kernel's, Debian 6.12 headers pull it in), else the
+/// distribution's kernel package from its archive (`linux-image-<kver>` on Debian,
+/// `kernel-core-<kver>` on RHEL), unpacked, not installed. Cached per toolchain.
+pub fn kernel_image(
+    engine: &Engine,
+    layout: &Layout,
+    toolchain_image: &str,
+    fingerprint: &str,
+    kver: &str,
+    log: &Path,
+) -> Result<PathBuf> {
+    let dir = layout.kernel_state(kver).join("boot");
+    let vmlinuz = dir.join(format!("vmlinuz-{}", &fingerprint[..12]));
+    if vmlinuz.is_file() {
+        return Ok(vmlinuz);
+    }
+    fs::create_dir_all(&dir)?;
+    let tmp = layout.scratch("vmlinuz-")?;
+    const FETCH: &str = r#"set -eu
+k="$1"; out=/kmodforge/out/vmlinuz
+if [ -f "/boot/vmlinuz-$k" ]; then cp "/boot/vmlinuz-$k" "$out"; exit 0; fi
+mkdir -p /tmp/kmodforge-kernel && cd /tmp/kmodforge-kernel
+if command -v apt-get >/dev/null; then
+  apt-get -o APT::Sandbox::User=root update -qq
+  apt-get -o APT::Sandbox::User=root download -qq "linux-image-$k" || apt-get -o APT::Sandbox::User=root download -qq "linux-image-$k-unsigned"
+  dpkg-deb -x linux-image-*.deb x
+  cp "x/boot/vmlinuz-$k" "$out"; exit 0
+fi
+if command -v dnf >/dev/null; then
+  dnf download -q "kernel-core-$k"
+  rpm2cpio kernel-core-*.rpm | cpio -idm --quiet
+  cp "lib/modules/$k/vmlinuz" "$out"; exit 0
+fi
+echo "the toolchain has neither /boot/vmlinuz-$k nor apt-get or dnf to fetch the kernel" >&2; exit 1
+"#;
+    let run = Run {
+        image: toolchain_image,
+        mounts: vec![Mount {
+            host: tmp.path(),
+            container: "/kmodforge/out",
+            read_only: false,
+        }],
+        env: vec![],
+        workdir: None,
+        network: true,
+        command: vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            FETCH.into(),
+            "fetch-kernel".into(),
+            kver.into(),
+        ],
+    };
+    engine
+        .run(&run)
+        .run_logged(log, None)
+        .with_context(|| format!("cannot get the kernel image of {kver}"))?;
+    fs::rename(tmp.path().join("vmlinuz"), &vmlinuz)?;
+    Ok(vmlinuz)
+}
+
+/// The host's kmod binary and the shared libraries it needs, by their paths.
+fn host_kmod() -> Result<Vec<(String, Vec<u8>)>> {
+    let kmod = which("kmod").or_else(|| which("modprobe")).context(
+        "the load test needs kmod's modprobe on the host (busybox's has no -d)\n  help: `cargo xtask deps --install --tests` (Debian package kmod)",
+    )?;
+    let kmod = fs::canonicalize(&kmod)?;
+    let mut files = vec![("bin/kmod".to_string(), fs::read(&kmod)?)];
+    let ldd = Cmd::new("ldd")
+        .arg(&kmod)
+        .read()
+        .context("cannot list kmod's libraries with ldd")?;
+    for line in ldd.lines() {
+        // "libz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
+        let path = match line.split_once("=>") {
+            Some((_, rest)) => rest.split_whitespace().next(),
+            None => line
+                .split_whitespace()
+                .next()
+                .filter(|p| p.starts_with('/')),
+        };
+        if let Some(p) = path.filter(|p| p.starts_with('/')) {
+            files.push((
+                p.trim_start_matches('/').to_string(),
+                fs::read(p).with_context(|| format!("cannot read {p}"))?,
+            ));
+        }
+    }
+    Ok(files)
+}
+
+/// The modules under `<prefix>/lib/modules/<kver>/` of an image file system, with
+/// what their `.modinfo` says they depend on.
+pub fn subjects(
+    image_fs: &BTreeMap<String, Node>,
+    modules_dir: &str,
+    parameters: &BTreeMap<String, Vec<String>>,
+) -> Result<Vec<Subject>> {
+    let mut out = Vec::new();
+    for (path, node) in image_fs.range(format!("{modules_dir}/")..) {
+        if !path.starts_with(&format!("{modules_dir}/")) {
+            break;
+        }
+        let (
+            Some(file),
+            Node::File {
+                data: Some(data), ..
+            },
+        ) = (path.strip_suffix(".ko"), node)
+        else {
+            continue;
+        };
+        let name = file.rsplit('/').next().unwrap_or(file).replace('-', "_");
+        let info = ModInfo::from_elf(data).with_context(|| format!("/{path} in the image"))?;
+        out.push(Subject {
+            parameters: parameters.get(&name).cloned().unwrap_or_default(),
+            depends: info
+                .depends()
+                .into_iter()
+                .map(|d| d.replace('-', "_"))
+                .collect(),
+            name,
+        });
+    }
+    Ok(out)
+}
+
+const MARK: &str = "@@kmodforge";
+
+/// The `/init` that replays KMM's worker for every subject.
+pub fn init_script(kver: &str, prefix: &str, subjects: &[Subject]) -> String {
+    let tmp = format!("/tmp{prefix}");
+    let mut s = format!(
+        "#!/bin/busybox sh\n\
+         /bin/busybox --install -s /bin\n\
+         export PATH=/bin:/sbin\n\
+         mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs devtmpfs /dev 2>/dev/null\n\
+         say() {{ echo \"{MARK} $*\"; }}\n\
+         state() {{ say modules $(cut -d' ' -f1 /proc/modules | tr '\\n' ' '); say dmesg-begin; dmesg -c; say dmesg-end; }}\n\
+         say boot \"$(uname -r)\"\n\
+         dmesg -c >/dev/null\n\
+         # KMM's image-loader init container\n\
+         mkdir -p {tmp}/lib/modules; cp -R {prefix}/lib/modules/{kver} {tmp}/lib/modules\n\
+         say copied $?\n"
+    );
+    for m in subjects {
+        let params: Vec<String> = m.parameters.iter().map(|p| quote(p)).collect();
+        s.push_str(&format!(
+            "say load {name}\n/sbin/modprobe -vd {tmp} {name} {params} 2>&1; say rc $?\nstate\n\
+             say unload {name}\n/sbin/modprobe -rvd {tmp} {name} 2>&1; say rc $?\nstate\n",
+            name = m.name,
+            params = params.join(" ")
+        ));
+    }
+    s.push_str("say end\nreboot -f\n");
+    s
+}
+
+/// Builds the initramfs: busybox, kmod, the image's `<prefix>` tree and `/init`.
+pub fn initramfs(
+    busybox: Vec<u8>,
+    image_fs: &BTreeMap<String, Node>,
+    prefix: &str,
+    kver: &str,
+    subjects: &[Subject],
+) -> Result<Vec<u8>> {
+    let mut i = Initramfs::default();
+    i.file("bin/busybox", 0o755, busybox);
+    for (path, data) in host_kmod()? {
+        i.file(&path, 0o755, data);
+    }
+    i.symlink("sbin/modprobe", "/bin/kmod");
+    for d in ["proc", "sys", "dev", "tmp"] {
+        i.add(crate::oci::Entry::Dir { path: d.into() });
+    }
+    let tree = prefix.trim_start_matches('/');
+    for (path, node) in image_fs.range(format!("{tree}/")..) {
+        if !path.starts_with(&format!("{tree}/")) {
+            break;
+        }
+        match node {
+            Node::Dir => i.add(crate::oci::Entry::Dir { path: path.clone() }),
+            Node::File {
+                mode,
+                data: Some(data),
+            } => i.file(path, *mode & 0o777, data.clone()),
+            Node::File { data: None, .. } => bail!("/{path} of the image was not read"),
+            Node::Symlink(t) => i.symlink(path, t),
+        }
+    }
+    i.file(
+        "init",
+        0o755,
+        init_script(kver, prefix, subjects).into_bytes(),
+    );
+    i.finish()
+}
+
+/// How QEMU runs the guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+impl Accel {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Accel::Kvm => "KVM",
+            Accel::Tcg => "emulation (TCG)",
+        }
+    }
+}
+
+/// Where the verdict "KVM does not work on this host" is remembered: nested or
+/// restricted virtualization can offer a /dev/kvm that QEMU cannot run guests on.
+fn kvm_verdict_file() -> PathBuf {
+    crate::state::cache_dir().join("kvm-unusable")
+}
+
+fn host_identity() -> String {
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let qemu = Cmd::new("qemu-system-x86_64")
+        .arg("--version")
+        .read()
+        .unwrap_or_default();
+    format!(
+        "{} / {}",
+        release.trim(),
+        qemu.lines().next().unwrap_or_default()
+    )
+}
+
+/// KVM first when /dev/kvm opens and it has not failed on this host before
+/// (`KMODFORGE_ACCEL=kvm|tcg` decides instead).
+fn accelerators() -> Vec<Accel> {
+    match std::env::var("KMODFORGE_ACCEL").as_deref() {
+        Ok("tcg") => return vec![Accel::Tcg],
+        Ok("kvm") => return vec![Accel::Kvm],
+        _ => {}
+    }
+    let opens = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    let failed_before = fs::read_to_string(kvm_verdict_file()).is_ok_and(|s| s == host_identity());
+    if opens && !failed_before {
+        vec![Accel::Kvm, Accel::Tcg]
+    } else {
+        vec![Accel::Tcg]
+    }
+}
+
+/// How long a KVM guest may take to reach /init before KVM counts as unusable.
+const KVM_GRACE: Duration = Duration::from_secs(30);
+
+/// Boots `vmlinuz` with `initrd` under QEMU, with a hard timeout; the console goes to
+/// `console_log`. KVM is tried first where it may work; a guest that does not reach
+/// /init under KVM within a grace period is booted again under emulation, and the
+/// host remembered. Returns the console, the wall time and the accelerator used. The
+/// QEMU process is always reaped (killed on timeout).
+pub fn boot(
+    vmlinuz: &Path,
+    initrd: &Path,
+    console_log: &Path,
+    timeout: Duration,
+) -> Result<(String, Duration, Accel)> {
+    crate::engine::require_program(
+        "qemu-system-x86_64",
+        "qemu-system-x86",
+        "the load test boots kernels with it",
+    )?;
+    let candidates = accelerators();
+    let mut last_error = None;
+    for (i, accel) in candidates.iter().enumerate() {
+        let fallback_left = i + 1 < candidates.len();
+        let limit = if fallback_left {
+            timeout.min(KVM_GRACE)
+        } else {
+            timeout
+        };
+        let flags: &[&str] = match accel {
+            Accel::Kvm => &["-accel", "kvm"],
+            Accel::Tcg => &["-accel", "tcg"],
+        };
+        let _ = fs::remove_file(console_log);
+        let started = Instant::now();
+        let result = Cmd::new("qemu-system-x86_64")
+            .args([
+                "-m",
+                "512",
+                "-smp",
+                "1",
+                "-nodefaults",
+                "-nographic",
+                "-serial",
+                "stdio",
+                "-monitor",
+                "none",
+                "-no-reboot",
+            ])
+            .args(flags)
+            .arg("-kernel")
+            .arg(vmlinuz)
+            .arg("-initrd")
+            .arg(initrd)
+            .args(["-append", "console=ttyS0 panic=-1 loglevel=7"])
+            .run_logged(console_log, Some(limit));
+        let wall = started.elapsed();
+        let console =
+            String::from_utf8_lossy(&fs::read(console_log).unwrap_or_default()).into_owned();
+        let reached_init = console.contains(&format!("{MARK} boot"));
+        match result {
+            Ok(()) => return Ok((console, wall, *accel)),
+            // A timeout or a crash after /init started is the modules' doing: judge it.
+            Err(_) if reached_init => return Ok((console, wall, *accel)),
+            Err(e) => {
+                if *accel == Accel::Kvm && fallback_left {
+                    let _ =
+                        crate::state::write_atomic(&kvm_verdict_file(), host_identity().as_bytes());
+                }
+                last_error = Some(e);
+            }
+        }
+    }
+    Err(last_error.expect("at least one accelerator was tried"))
+}
+
+static PROBLEM: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"(?i)\bOops\b|\bBUG[: ]|WARNING:|Unknown symbol|Call Trace:|general protection fault|Kernel panic|version magic .* should be|disagrees about version of symbol").unwrap()
+});
+
+/// One step's output from the console: modprobe's lines, its exit status, the modules
+/// loaded afterwards, and the kernel log of that step.
+#[derive(Default, Debug)]
+struct Step {
+    output: Vec<String>,
+    rc: Option<i32>,
+    modules: Vec<String>,
+    dmesg: Vec<String>,
+}
+
+/// Reads the console into a verdict per subject.
+pub fn judge(console: &str, subjects: &[Subject], modules_dep_present: bool) -> Vec<Verdict> {
+    let mut steps: BTreeMap<(String, &'static str), Step> = BTreeMap::new();
+    let mut current: Option<(String, &'static str)> = None;
+    let mut in_dmesg = false;
+    let mut ended = false;
+    for raw in console.lines() {
+        let line = raw.trim_end_matches('\r');
+        let Some(rest) = line.split_once(MARK).map(|(_, r)| r.trim()) else {
+            if let Some(key) = &current {
+                let step = steps.entry(key.clone()).or_default();
+                if in_dmesg {
+                    step.dmesg.push(line.to_string())
+                } else if !line.trim().is_empty() {
+                    step.output.push(line.to_string())
+                }
+            }
+            continue;
+        };
+        let (word, arg) = rest.split_once(' ').unwrap_or((rest, ""));
+        match word {
+            "load" => current = Some((arg.to_string(), "load")),
+            "unload" => current = Some((arg.to_string(), "unload")),
+            "rc" => {
+                if let Some(key) = &current {
+                    steps.entry(key.clone()).or_default().rc = arg.trim().parse().ok();
+                }
+            }
+            "modules" => {
+                if let Some(key) = &current {
+                    steps.entry(key.clone()).or_default().modules =
+                        arg.split_whitespace().map(str::to_string).collect();
+                }
+            }
+            "dmesg-begin" => in_dmesg = true,
+            "dmesg-end" => in_dmesg = false,
+            "end" => ended = true,
+            _ => {}
+        }
+    }
+    subjects
+        .iter()
+        .map(|s| {
+            let load = steps.get(&(s.name.clone(), "load"));
+            let unload = steps.get(&(s.name.clone(), "unload"));
+            let mut reason = None;
+            let mut why = |r: String| {
+                if reason.is_none() {
+                    reason = Some(r);
+                }
+            };
+            let problems = |step: Option<&Step>| -> Vec<String> {
+                step.map(|st| st.dmesg.iter().filter(|l| PROBLEM.is_match(l)).map(|l| strip_time(l)).collect()).unwrap_or_default()
+            };
+            let loaded = match load {
+                None => {
+                    why(if ended { "never loaded".into() } else { "the kernel crashed or hung before this module was loaded; see the console log".into() });
+                    false
+                }
+                                Some(st) if st.rc.is_none() => {
+                    let seen = st.output.iter().chain(&st.dmesg).find(|l| PROBLEM.is_match(l)).map(|l| strip_time(l));
+                    why(format!(
+                        "the kernel crashed or hung while loading it{}; see the console log",
+                        seen.map(|p| format!(" ({p})")).unwrap_or_default()
+                    ));
+                    false
+                }
+                Some(st) if st.rc != Some(0) => {
+                    let said = st.output.iter().rev().find(|l| l.contains("modprobe:")).cloned().unwrap_or_else(|| "modprobe failed".into());
+                    let kernel = problems(load).into_iter().next().or_else(|| {
+                        st.dmesg.iter().find(|l| l.contains(&s.name)).map(|l| strip_time(l))
+                    });
+                    let mut r = match kernel {
+                        Some(k) => format!("{said}; kernel: {k}"),
+                        None => said,
+                    };
+                    if !modules_dep_present {
+                        r.push_str(" (the image has no modules.dep: depmod was not run when it was built)");
+                    }
+                    why(r);
+                    false
+                }
+                Some(st) if !st.modules.contains(&s.name) => {
+                    why("modprobe succeeded but the module is not in /proc/modules".into());
+                    false
+                }
+                Some(st) => {
+                    if let Some(d) = s.depends.iter().find(|d| !st.modules.contains(d)) {
+                        why(format!("its dependency {d} was not loaded with it"));
+                    }
+                    true
+                }
+            };
+            if let Some(p) = problems(load).into_iter().next() {
+                why(format!("kernel log while loading: {p}"));
+            }
+            let unloaded = match unload {
+                Some(st) if st.rc == Some(0) && !st.modules.contains(&s.name) => true,
+                Some(st) if loaded => {
+                    let said = st.output.iter().rev().find(|l| l.contains("modprobe:")).cloned().unwrap_or_default();
+                    why(format!("did not unload cleanly {said}").trim().to_string());
+                    false
+                }
+                None if loaded => {
+                    why("the kernel crashed or hung while unloading; see the console log".into());
+                    false
+                }
+                _ => false,
+            };
+            if let Some(p) = problems(unload).into_iter().next() {
+                why(format!("kernel log while unloading: {p}"));
+            }
+            Verdict { module: s.name.clone(), loaded, unloaded, reason }
+        })
+        .collect()
+}
+
+/// A kernel log line without its `[    1.234567] ` time stamp.
+fn strip_time(line: &str) -> String {
+    let l = line.trim();
+    match l.strip_prefix('[').and_then(|r| r.split_once(']')) {
+        Some((_, rest)) => rest.trim().to_string(),
+        None => l.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn subject(name: &str, depends: &[&str]) -> Subject {
+        Subject {
+            name: name.into(),
+            parameters: vec![],
+            depends: depends.iter().map(|d| d.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn the_init_script_replays_kmm() {
+        let s = init_script(
+            "6.1.0-47-amd64",
+            "/opt",
+            &[Subject {
+                parameters: vec!["greeting=hi there".into()],
+                ..subject("kmf_param", &[])
+            }],
+        );
+        assert!(s.contains("mkdir -p /tmp/opt/lib/modules; cp -R /opt/lib/modules/6.1.0-47-amd64 /tmp/opt/lib/modules\n"), "{s}");
+        assert!(
+            s.contains("/sbin/modprobe -vd /tmp/opt kmf_param 'greeting=hi there' 2>&1"),
+            "{s}"
+        );
+        assert!(
+            s.contains("/sbin/modprobe -rvd /tmp/opt kmf_param 2>&1"),
+            "{s}"
+        );
+        assert!(s.trim_end().ends_with("reboot -f"));
+    }
+
+    const GOOD: &str = "\
+@@kmodforge boot 6.1.0-47-amd64
+@@kmodforge load kmf_user
+insmod /tmp/opt/lib/modules/6.1.0-47-amd64/kmf_export.ko
+insmod /tmp/opt/lib/modules/6.1.0-47-amd64/kmf_user.ko
+@@kmodforge rc 0
+@@kmodforge modules kmf_user kmf_export
+@@kmodforge dmesg-begin
+[    1.20] kmf_user: kmf_export_add(40, 2) = 42
+@@kmodforge dmesg-end
+@@kmodforge unload kmf_user
+rmmod kmf_user
+@@kmodforge rc 0
+@@kmodforge modules
+@@kmodforge dmesg-begin
+@@kmodforge dmesg-end
+";
+
+    #[test]
+    fn a_clean_load_and_unload_passes() {
+        let v = judge(
+            &format!("{GOOD}@@kmodforge end\n"),
+            &[subject("kmf_user", &["kmf_export"])],
+            true,
+        );
+        assert_eq!(
+            v,
+            [Verdict {
+                module: "kmf_user".into(),
+                loaded: true,
+                unloaded: true,
+                reason: None
+            }]
+        );
+    }
+
+    #[test]
+    fn failures_say_why() {
+        let refused = "@@kmodforge load kmf_hello\nmodprobe: ERROR: could not insert 'kmf_hello': Exec format error\n@@kmodforge rc 1\n\
+                       @@kmodforge modules\n@@kmodforge dmesg-begin\n[ 2.0] kmf_hello: version magic '6.1.0-47-amd64 SMP' should be '6.12.117+deb12-amd64 SMP'\n\
+                       @@kmodforge dmesg-end\n@@kmodforge unload kmf_hello\n@@kmodforge rc 1\n@@kmodforge modules\n@@kmodforge end\n";
+        let v = judge(refused, &[subject("kmf_hello", &[])], true);
+        let r = v[0].reason.as_deref().unwrap();
+        assert!(
+            r.contains("Exec format error")
+                && r.contains("version magic '6.1.0-47-amd64 SMP' should be"),
+            "{r}"
+        );
+
+        let missing = "@@kmodforge load kmf_hello\nmodprobe: FATAL: Module kmf_hello not found in directory /tmp/opt/lib/modules/k\n@@kmodforge rc 1\n@@kmodforge end\n";
+        let r = judge(missing, &[subject("kmf_hello", &[])], false)[0]
+            .reason
+            .clone()
+            .unwrap();
+        assert!(
+            r.contains("not found in directory") && r.contains("no modules.dep"),
+            "{r}"
+        );
+
+        let oops = GOOD.replace(
+            "kmf_export_add(40, 2) = 42",
+            "WARNING: CPU: 0 PID: 1 at kmf_user.c:10",
+        );
+        let r = judge(
+            &format!("{oops}@@kmodforge end\n"),
+            &[subject("kmf_user", &[])],
+            true,
+        )[0]
+        .reason
+        .clone()
+        .unwrap();
+        assert!(
+            r.contains("kernel log while loading: kmf_user: WARNING: CPU: 0"),
+            "{r}"
+        );
+
+        let nodep = GOOD.replace("modules kmf_user kmf_export", "modules kmf_user");
+        let r = judge(
+            &format!("{nodep}@@kmodforge end\n"),
+            &[subject("kmf_user", &["kmf_export"])],
+            true,
+        )[0]
+        .reason
+        .clone()
+        .unwrap();
+        assert!(r.contains("dependency kmf_export was not loaded"), "{r}");
+
+        let crash = "@@kmodforge load kmf_user\n[ 3.0] BUG: kernel NULL pointer dereference\n";
+        let v = judge(
+            crash,
+            &[subject("kmf_user", &[]), subject("kmf_hello", &[])],
+            true,
+        );
+        assert!(
+            v[0].reason
+                .as_deref()
+                .unwrap()
+                .contains("crashed or hung while loading it (BUG: kernel NULL pointer"),
+            "{v:?}"
+        );
+        assert!(
+            v[1].reason
+                .as_deref()
+                .unwrap()
+                .contains("crashed or hung before"),
+            "{v:?}"
+        );
+    }
+}
