@@ -56,6 +56,11 @@ pub const TEST: &[Package] = &[
         "a self-signed certificate for the HTTPS registry",
     ),
     pkg("git", "git", "the image's revision label"),
+    pkg(
+        "qemu-system-x86",
+        "qemu-system-x86_64",
+        "boots kernels for the load test",
+    ),
 ];
 
 /// Packages whose program is not on PATH.

@@ -33,6 +33,8 @@ pub struct Subject {
     pub parameters: Vec<String>,
     /// What its `.modinfo` says it depends on: these must be loaded with it.
     pub depends: Vec<String>,
+    /// The kernel release its vermagic names.
+    pub built_for: Option<String>,
 }
 
 /// How one module fared.
@@ -167,6 +169,7 @@ pub fn subjects(
                 .into_iter()
                 .map(|d| d.replace('-', "_"))
                 .collect(),
+            built_for: info.vermagic_release().map(str::to_string),
             name,
         });
     }
@@ -390,7 +393,12 @@ struct Step {
 }
 
 /// Reads the console into a verdict per subject.
-pub fn judge(console: &str, subjects: &[Subject], modules_dep_present: bool) -> Vec<Verdict> {
+pub fn judge(
+    console: &str,
+    kver: &str,
+    subjects: &[Subject],
+    modules_dep_present: bool,
+) -> Vec<Verdict> {
     let mut steps: BTreeMap<(String, &'static str), Step> = BTreeMap::new();
     let mut current: Option<(String, &'static str)> = None;
     let mut in_dmesg = false;
@@ -468,6 +476,9 @@ pub fn judge(console: &str, subjects: &[Subject], modules_dep_present: bool) -> 
                     if !modules_dep_present {
                         r.push_str(" (the image has no modules.dep: depmod was not run when it was built)");
                     }
+                    if let Some(other) = s.built_for.as_deref().filter(|b| *b != kver) {
+                        r.push_str(&format!(" (vermagic: the module was built for kernel {other}, not {kver})"));
+                    }
                     why(r);
                     false
                 }
@@ -524,6 +535,7 @@ mod tests {
             name: name.into(),
             parameters: vec![],
             depends: depends.iter().map(|d| d.to_string()).collect(),
+            built_for: Some("6.1.0-47-amd64".into()),
         }
     }
 
@@ -571,6 +583,7 @@ rmmod kmf_user
     fn a_clean_load_and_unload_passes() {
         let v = judge(
             &format!("{GOOD}@@kmodforge end\n"),
+            "6.1.0-47-amd64",
             &[subject("kmf_user", &["kmf_export"])],
             true,
         );
@@ -590,19 +603,32 @@ rmmod kmf_user
         let refused = "@@kmodforge load kmf_hello\nmodprobe: ERROR: could not insert 'kmf_hello': Exec format error\n@@kmodforge rc 1\n\
                        @@kmodforge modules\n@@kmodforge dmesg-begin\n[ 2.0] kmf_hello: version magic '6.1.0-47-amd64 SMP' should be '6.12.117+deb12-amd64 SMP'\n\
                        @@kmodforge dmesg-end\n@@kmodforge unload kmf_hello\n@@kmodforge rc 1\n@@kmodforge modules\n@@kmodforge end\n";
-        let v = judge(refused, &[subject("kmf_hello", &[])], true);
+        let v = judge(
+            refused,
+            "6.12.117+deb12-amd64",
+            &[subject("kmf_hello", &[])],
+            true,
+        );
         let r = v[0].reason.as_deref().unwrap();
         assert!(
             r.contains("Exec format error")
-                && r.contains("version magic '6.1.0-47-amd64 SMP' should be"),
+                && r.contains("version magic '6.1.0-47-amd64 SMP' should be")
+                && r.contains(
+                    "the module was built for kernel 6.1.0-47-amd64, not 6.12.117+deb12-amd64"
+                ),
             "{r}"
         );
 
         let missing = "@@kmodforge load kmf_hello\nmodprobe: FATAL: Module kmf_hello not found in directory /tmp/opt/lib/modules/k\n@@kmodforge rc 1\n@@kmodforge end\n";
-        let r = judge(missing, &[subject("kmf_hello", &[])], false)[0]
-            .reason
-            .clone()
-            .unwrap();
+        let r = judge(
+            missing,
+            "6.1.0-47-amd64",
+            &[subject("kmf_hello", &[])],
+            false,
+        )[0]
+        .reason
+        .clone()
+        .unwrap();
         assert!(
             r.contains("not found in directory") && r.contains("no modules.dep"),
             "{r}"
@@ -614,6 +640,7 @@ rmmod kmf_user
         );
         let r = judge(
             &format!("{oops}@@kmodforge end\n"),
+            "6.1.0-47-amd64",
             &[subject("kmf_user", &[])],
             true,
         )[0]
@@ -628,6 +655,7 @@ rmmod kmf_user
         let nodep = GOOD.replace("modules kmf_user kmf_export", "modules kmf_user");
         let r = judge(
             &format!("{nodep}@@kmodforge end\n"),
+            "6.1.0-47-amd64",
             &[subject("kmf_user", &["kmf_export"])],
             true,
         )[0]
@@ -639,6 +667,7 @@ rmmod kmf_user
         let crash = "@@kmodforge load kmf_user\n[ 3.0] BUG: kernel NULL pointer dereference\n";
         let v = judge(
             crash,
+            "6.1.0-47-amd64",
             &[subject("kmf_user", &[]), subject("kmf_hello", &[])],
             true,
         );

@@ -26,6 +26,8 @@ pub struct JobResult {
     pub kind: JobKind,
     pub status: Status,
     pub elapsed: Duration,
+    /// The job was run (not settled from its last run's record).
+    pub ran: bool,
 }
 
 pub struct BuildReport {
@@ -261,7 +263,7 @@ pub fn build(
 
     let mut timings = timings;
     let mut report = BuildReport { jobs: Vec::new() };
-    for (job, (status, elapsed)) in plan.jobs.iter().zip(results) {
+    for ((job, (status, elapsed)), ran) in plan.jobs.iter().zip(results).zip(needed) {
         let label = plan.label(job);
         if status == Status::Done {
             timings.0.insert(label.to_string(), elapsed.as_secs_f64());
@@ -271,6 +273,7 @@ pub fn build(
             kind: job.kind.clone(),
             status,
             elapsed,
+            ran,
         });
     }
     write_json(&layout.timings(), &timings)?;

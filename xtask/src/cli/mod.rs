@@ -2,8 +2,10 @@
 
 mod image;
 mod report;
+mod rust_analyzer;
 mod summary;
 mod test;
+mod verify;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -91,6 +93,19 @@ enum Command {
     /// /proc/modules, leaves no Oops/BUG/WARNING/"Unknown symbol" in the kernel log, and
     /// unloads. Uses KVM when /dev/kvm is usable. Console: <out>/logs/<kver>/qemu-console.log.
     Test(test::TestArgs),
+    /// Check staging trees and images statically (no build, no boot).
+    ///
+    /// Layout (<prefix>/lib/modules/<kver>/), every .ko's vermagic against the kernel,
+    /// depmod's files present and modules.dep current (each module with the transitive
+    /// closure of its modinfo `depends`, all in the tree), and sh, mkdir and cp in the
+    /// image for KMM's worker. Exits non-zero on any problem.
+    Verify(verify::VerifyArgs),
+    /// Write modules/<name>/rust-project.json for a Rust module, for editors.
+    ///
+    /// Runs the kernel's own `make rust-analyzer` in a Rust-enabled kernel's toolchain,
+    /// copies the sources it refers to (the kernel's Rust crates, the Rust library) to
+    /// <out>/.kmodforge/kernels/<kver>/rust-analyzer/ and points the file at them.
+    RustAnalyzer(rust_analyzer::RustAnalyzerArgs),
     /// Print the plan: each kernel, its toolchain, and the modules built for it.
     Plan,
     /// Show (or install, with apt-get) the host packages kmodforge and its tests use.
@@ -166,6 +181,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Build { kernel, args } => build_command(&cli, config, Some(kernel), args),
         Command::Image(args) => image::run(&cli, config, args),
         Command::Test(args) => test::run(&cli, config, args),
+        Command::Verify(args) => verify::run(&cli, config, args),
+        Command::RustAnalyzer(args) => rust_analyzer::run(&cli, config, args),
         Command::Plan => {
             print_plan(&Plan::new(&config, None)?);
             Ok(ExitCode::SUCCESS)
@@ -216,7 +233,7 @@ impl Session {
             jobs,
             self.reporter.as_ref(),
         )?;
-        if report.jobs.iter().any(|j| j.status != Status::Fresh) {
+        if report.jobs.iter().any(|j| j.ran) {
             print!("{}", summary::table(plan, &report));
         } else {
             println!(

@@ -167,7 +167,7 @@ fn one(
         crate::diag::display_path(&console_log)
     );
     let modules_dep = image_fs.contains_key(&format!("{modules_dir}/modules.dep"));
-    Ok(loadtest::judge(&console, &subjects, modules_dep))
+    Ok(loadtest::judge(&console, kver, &subjects, modules_dep))
 }
 
 /// Test parameters by module name: each module folder's `[test] parameters` apply to
