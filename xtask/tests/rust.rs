@@ -64,6 +64,21 @@ fn the_rust_module_builds_for_the_rust_kernel_loads_there_and_is_skipped_elsewhe
     let dep = fs::read_to_string(p.moddir(KRUST).join("modules.dep")).unwrap();
     assert!(dep.lines().any(|l| l == "kmf_rust.ko:"), "{dep}");
 
+    // KMM manifests map the Rust module to the kernel it was built for, no other.
+    let yaml = p.run(&["kmm"]).ok().stdout;
+    let docs: Vec<serde_json::Value> = serde_yaml_ng::Deserializer::from_str(&yaml)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .collect();
+    let rust = docs
+        .iter()
+        .find(|d| d["spec"]["moduleLoader"]["container"]["modprobe"]["moduleName"] == "kmf_rust")
+        .unwrap();
+    let mappings = rust["spec"]["moduleLoader"]["container"]["kernelMappings"]
+        .as_array()
+        .unwrap();
+    assert_eq!(mappings.len(), 1, "{rust:#}");
+    assert_eq!(mappings[0]["literal"], KRUST);
+
     // The skip is remembered like a build: a second run does nothing.
     let again = p.run(&["--engine", "podman", "build-all"]).ok();
     assert!(again.stdout.contains("nothing to do"), "{}", again.all());

@@ -1,5 +1,6 @@
 //! The command line: flags, dispatch, and everything that prints.
 
+mod handoff;
 mod image;
 mod report;
 mod rust_analyzer;
@@ -106,6 +107,16 @@ enum Command {
     /// copies the sources it refers to (the kernel's Rust crates, the Rust library) to
     /// <out>/.kmodforge/kernels/<kver>/rust-analyzer/ and points the file at them.
     RustAnalyzer(rust_analyzer::RustAnalyzerArgs),
+    /// Print the plan as a GitHub Actions matrix (JSON for fromJSON), one entry per kernel.
+    ///
+    /// Each entry has `name`, `kernels`, `tags` (as KMM normalizes them) and `toolchains`;
+    /// past --max-jobs (GitHub's limit, 256) kernels are grouped into shards, so
+    /// `kernels` may list several, space-separated.
+    Matrix(handoff::MatrixArgs),
+    /// Write .github/workflows/kmods.yml from kernels.toml (or --check it).
+    Workflow(handoff::WorkflowArgs),
+    /// Write the KMM Module manifests for the images (one Module per top-level module).
+    Kmm(handoff::KmmArgs),
     /// Print the plan: each kernel, its toolchain, and the modules built for it.
     Plan,
     /// Show (or install, with apt-get) the host packages kmodforge and its tests use.
@@ -183,6 +194,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Test(args) => test::run(&cli, config, args),
         Command::Verify(args) => verify::run(&cli, config, args),
         Command::RustAnalyzer(args) => rust_analyzer::run(&cli, config, args),
+        Command::Matrix(args) => handoff::matrix(config, args),
+        Command::Workflow(args) => handoff::workflow(config, args),
+        Command::Kmm(args) => handoff::kmm(&cli, config, args),
         Command::Plan => {
             print_plan(&Plan::new(&config, None)?);
             Ok(ExitCode::SUCCESS)

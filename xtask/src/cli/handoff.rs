@@ -1,0 +1,111 @@
+//! The hand-offs, generated from the plan: `matrix` and `workflow` for CI, `kmm` for
+//! the cluster.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use regex::Regex;
+
+use super::Cli;
+use crate::config::Config;
+use crate::diag::display_path;
+use crate::plan::Plan;
+use crate::state::Layout;
+use crate::{kmm, matrix, workflow};
+
+#[derive(Args)]
+pub(super) struct MatrixArgs {
+    /// Only this kernel of kernels.toml.
+    #[arg(long, value_name = "KVER")]
+    kernel: Option<String>,
+    /// Only kernels whose version matches this regular expression.
+    #[arg(long, value_name = "REGEX")]
+    kernel_regex: Option<String>,
+    /// Only kernels whose inputs (toolchain, module sources, kernels.toml entry)
+    /// differ from this git revision's.
+    #[arg(long, value_name = "REV")]
+    changed_since: Option<String>,
+    /// Most jobs in the matrix; past it, kernels are grouped into shards.
+    #[arg(long, value_name = "N", default_value_t = matrix::GITHUB_MAX_JOBS)]
+    max_jobs: usize,
+}
+
+pub(super) fn matrix(config: Config, args: &MatrixArgs) -> Result<ExitCode> {
+    let plan = Plan::new(&config, args.kernel.as_deref())?;
+    let re = args
+        .kernel_regex
+        .as_deref()
+        .map(Regex::new)
+        .transpose()
+        .context("--kernel-regex is not a valid regular expression")?;
+    let before = args
+        .changed_since
+        .as_deref()
+        .map(|rev| matrix::inputs_at(&config, rev))
+        .transpose()?;
+    let m = matrix::matrix(&plan, re.as_ref(), before.as_ref(), args.max_jobs)?;
+    println!("{}", serde_json::to_string(&m)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Args)]
+pub(super) struct WorkflowArgs {
+    /// Do not write: fail when the committed workflow differs from what would be written.
+    #[arg(long)]
+    check: bool,
+}
+
+pub(super) fn workflow(config: Config, args: &WorkflowArgs) -> Result<ExitCode> {
+    let path = workflow::path(&config);
+    let text = workflow::render(&config);
+    if args.check {
+        let committed = std::fs::read_to_string(&path).unwrap_or_default();
+        if committed != text {
+            eprintln!(
+                "{} is out of date: run `cargo xtask workflow`",
+                display_path(&path)
+            );
+            return Ok(ExitCode::FAILURE);
+        }
+        println!("{} is up to date", display_path(&path));
+        return Ok(ExitCode::SUCCESS);
+    }
+    crate::state::write_atomic(&path, text.as_bytes())?;
+    println!("wrote {}", display_path(&path));
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Args)]
+pub(super) struct KmmArgs {
+    /// Also write a ConfigMap with a Dockerfile that builds the C modules in the cluster
+    /// (FROM ${DTK_AUTO}), and point each Module's build at it.
+    #[arg(long)]
+    in_cluster_build: bool,
+    /// One `regexp` kernel mapping per Module instead of a `literal` per kernel.
+    #[arg(long)]
+    regexp: bool,
+    /// Write the manifests here instead of to standard output.
+    #[arg(short, long, value_name = "FILE")]
+    output: Option<PathBuf>,
+}
+
+pub(super) fn kmm(cli: &Cli, config: Config, args: &KmmArgs) -> Result<ExitCode> {
+    let plan = Plan::new(&config, None)?;
+    let out = cli.out.clone().unwrap_or_else(|| config.root.join("out"));
+    let layout = Layout::new(&out)?;
+    let options = kmm::Options {
+        regexp: args.regexp,
+        in_cluster_build: args.in_cluster_build,
+    };
+    let yaml = kmm::manifests(&plan, Some(&layout), &options)?;
+    match &args.output {
+        Some(path) => {
+            crate::state::write_atomic(path, yaml.as_bytes())?;
+            eprintln!("wrote {}", display_path(path));
+        }
+        None => print!("{yaml}"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
