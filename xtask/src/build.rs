@@ -120,11 +120,7 @@ impl Compile<'_> {
             return Ok(Some(reason));
         }
         let work = self.layout.work(self.kver, &self.module.name);
-        if work.exists() {
-            fs::remove_dir_all(&work)
-                .with_context(|| format!("cannot clear {}", display_path(&work)))?;
-        }
-        fs::create_dir_all(&work)?;
+        crate::state::fresh_dir(&work)?;
 
         let dep_dirs: Vec<(String, PathBuf)> = self
             .deps

@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use oci_spec::image::{
-    Arch, ConfigBuilder, HistoryBuilder, ImageConfiguration, ImageConfigurationBuilder,
-    ImageManifestBuilder, MediaType, Os, RootFsBuilder,
+    Arch, ConfigBuilder, HistoryBuilder, ImageConfiguration, ImageConfigurationBuilder, MediaType,
+    Os, RootFsBuilder,
 };
 
 use crate::config::{Config, ImageBase, Kernel};
@@ -260,20 +260,7 @@ pub fn assemble(
     runtime.set_labels(Some(labels));
     image_config.set_config(Some(runtime));
 
-    let (config_digest, config_size) = oci.write_json(&image_config)?;
-    let manifest = ImageManifestBuilder::default()
-        .schema_version(2u32)
-        .media_type(MediaType::ImageManifest)
-        .config(descriptor(
-            MediaType::ImageConfig,
-            &config_digest,
-            config_size,
-        )?)
-        .layers(layers.clone())
-        .annotations(annotations)
-        .build()?;
-    let (digest, size) = oci.write_json(&manifest)?;
-    oci.set_index(&descriptor(MediaType::ImageManifest, &digest, size)?, &tag)?;
+    let digest = oci.write_image(&image_config, layers.clone(), Some(annotations), &tag)?;
 
     let dest = state.out.join("images").join(kver);
     replace_dir(&scratch.keep(), &dest)?;
@@ -481,19 +468,12 @@ fn busybox_base(config: &Config, state: &Layout, epoch: u64, log: &Path) -> Resu
                 .build()?,
         ])
         .build()?;
-    let (config_digest, config_size) = oci.write_json(&config)?;
-    let manifest = ImageManifestBuilder::default()
-        .schema_version(2u32)
-        .media_type(MediaType::ImageManifest)
-        .config(descriptor(
-            MediaType::ImageConfig,
-            &config_digest,
-            config_size,
-        )?)
-        .layers(vec![descriptor(MediaType::ImageLayerGzip, &digest, size)?])
-        .build()?;
-    let (m, ms) = oci.write_json(&manifest)?;
-    oci.set_index(&descriptor(MediaType::ImageManifest, &m, ms)?, "busybox")?;
+    oci.write_image(
+        &config,
+        vec![descriptor(MediaType::ImageLayerGzip, &digest, size)?],
+        None,
+        "busybox",
+    )?;
     replace_dir(&tmp.keep(), &dir)?;
     OciDir::open(&dir)
 }

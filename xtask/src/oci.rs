@@ -114,6 +114,32 @@ impl OciDir {
         Ok(())
     }
 
+    /// Writes an image's config and manifest (the layers' blobs are already here) and
+    /// names it `tag` in index.json; returns the manifest's digest.
+    pub fn write_image(
+        &self,
+        config: &oci_spec::image::ImageConfiguration,
+        layers: Vec<Descriptor>,
+        annotations: Option<std::collections::HashMap<String, String>>,
+        tag: &str,
+    ) -> Result<String> {
+        let (config_digest, config_size) = self.write_json(config)?;
+        let mut manifest = oci_spec::image::ImageManifestBuilder::default()
+            .schema_version(2u32)
+            .media_type(MediaType::ImageManifest)
+            .config(descriptor(
+                MediaType::ImageConfig,
+                &config_digest,
+                config_size,
+            )?)
+            .layers(layers)
+            .build()?;
+        manifest.set_annotations(annotations);
+        let (digest, size) = self.write_json(&manifest)?;
+        self.set_index(&descriptor(MediaType::ImageManifest, &digest, size)?, tag)?;
+        Ok(digest)
+    }
+
     /// The layout's one manifest (the first in index.json) and its descriptor.
     pub fn manifest(&self) -> Result<(Descriptor, ImageManifest)> {
         let index: serde_json::Value =

@@ -30,10 +30,7 @@ pub fn generate(
     log: &Path,
 ) -> Result<PathBuf> {
     let work = layout.work(kver, &format!("{}.rust-analyzer", module.name));
-    if work.exists() {
-        fs::remove_dir_all(&work)?;
-    }
-    fs::create_dir_all(&work)?;
+    crate::state::fresh_dir(&work)?;
     let export = layout.kernel_state(kver).join("rust-analyzer");
     let exported = export.join(".complete").is_file();
     if !exported {

@@ -255,6 +255,14 @@ pub fn walk_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
+/// Makes `dir` an empty directory, removing whatever a previous run left there.
+pub fn fresh_dir(dir: &Path) -> Result<()> {
+    if dir.exists() {
+        fs::remove_dir_all(dir).with_context(|| format!("cannot clear {}", display_path(dir)))?;
+    }
+    fs::create_dir_all(dir).with_context(|| format!("cannot create {}", display_path(dir)))
+}
+
 /// Reads a JSON file; `None` when it is missing or unreadable (a stale or foreign file
 /// only means the work is redone).
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> Option<T> {

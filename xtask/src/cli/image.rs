@@ -17,18 +17,8 @@ use crate::publish::{self, Pushed};
 
 #[derive(Args)]
 pub(super) struct ImageArgs {
-    /// The kernel whose image to make, as listed in kernels.toml.
-    #[arg(
-        long,
-        value_name = "KVER",
-        required_unless_present = "all",
-        conflicts_with = "all"
-    )]
-    kernel: Option<String>,
-
-    /// Make the image of every kernel in kernels.toml.
-    #[arg(long)]
-    all: bool,
+    #[command(flatten)]
+    kernels: super::KernelChoice,
 
     /// Push each image to the registry its name points at.
     #[arg(long)]
@@ -53,7 +43,7 @@ pub(super) struct ImageArgs {
 pub(super) fn run(cli: &Cli, config: Config, args: &ImageArgs) -> Result<ExitCode> {
     let session = Session::open(cli, config, &args.build)?;
     let config = &session.config;
-    let plan = Plan::new(config, args.kernel.as_deref())?;
+    let plan = Plan::new(config, args.kernels.only())?;
     let provenance = Provenance::detect(&config.root, config.image.source.as_deref())?;
     let report = session.build(&plan, &args.build)?;
 

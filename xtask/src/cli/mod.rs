@@ -148,6 +148,30 @@ struct BuildArgs {
     install_deps: bool,
 }
 
+/// `--kernel <kver>` or `--all`, for the commands that work per kernel.
+#[derive(Args)]
+struct KernelChoice {
+    /// One kernel, as listed in kernels.toml.
+    #[arg(
+        long,
+        value_name = "KVER",
+        required_unless_present = "all",
+        conflicts_with = "all"
+    )]
+    kernel: Option<String>,
+
+    /// Every kernel in kernels.toml.
+    #[arg(long)]
+    all: bool,
+}
+
+impl KernelChoice {
+    /// The one kernel asked for; `None` is all of them.
+    fn only(&self) -> Option<&str> {
+        self.kernel.as_deref()
+    }
+}
+
 /// The workspace root: where kernels.toml lives unless --config says otherwise.
 fn project_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

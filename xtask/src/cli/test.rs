@@ -21,22 +21,12 @@ use crate::toolchain;
 
 #[derive(Args)]
 pub(super) struct TestArgs {
-    /// The kernel to boot, as listed in kernels.toml.
-    #[arg(
-        long,
-        value_name = "KVER",
-        required_unless_present = "all",
-        conflicts_with = "all"
-    )]
-    kernel: Option<String>,
-
-    /// Boot every kernel in kernels.toml.
-    #[arg(long)]
-    all: bool,
+    #[command(flatten)]
+    kernels: super::KernelChoice,
 
     /// Test this OCI image layout (e.g. `skopeo copy docker://... oci:DIR`) instead of
     /// the one kmodforge builds; needs --kernel.
-    #[arg(long, value_name = "DIR", requires = "kernel")]
+    #[arg(long, value_name = "DIR")]
     image: Option<PathBuf>,
 
     /// Seconds a boot may take before QEMU is killed.
@@ -48,8 +38,11 @@ pub(super) struct TestArgs {
 }
 
 pub(super) fn run(cli: &Cli, config: crate::config::Config, args: &TestArgs) -> Result<ExitCode> {
+    if args.image.is_some() && args.kernels.only().is_none() {
+        bail!("--image tests one image: give the kernel it was built for with --kernel");
+    }
     let session = Session::open(cli, config, &args.build)?;
-    let plan = Plan::new(&session.config, args.kernel.as_deref())?;
+    let plan = Plan::new(&session.config, args.kernels.only())?;
     let report = session.build(&plan, &args.build)?;
     if report.not_ok() > 0 && args.image.is_none() {
         eprintln!("\nerror: the build failed; nothing was booted");

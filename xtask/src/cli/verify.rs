@@ -16,28 +16,21 @@ use crate::verify::{self, Check};
 
 #[derive(Args)]
 pub(super) struct VerifyArgs {
-    /// The kernel to check, as listed in kernels.toml.
-    #[arg(
-        long,
-        value_name = "KVER",
-        required_unless_present = "all",
-        conflicts_with = "all"
-    )]
-    kernel: Option<String>,
-
-    /// Check every kernel in kernels.toml.
-    #[arg(long)]
-    all: bool,
+    #[command(flatten)]
+    kernels: super::KernelChoice,
 
     /// Check this OCI image layout instead of <out>/images/<kver>; needs --kernel.
-    #[arg(long, value_name = "DIR", requires = "kernel")]
+    #[arg(long, value_name = "DIR")]
     image: Option<PathBuf>,
 }
 
 pub(super) fn run(cli: &Cli, config: Config, args: &VerifyArgs) -> Result<ExitCode> {
+    if args.image.is_some() && args.kernels.only().is_none() {
+        anyhow::bail!("--image checks one image: give the kernel it was built for with --kernel");
+    }
     let out = cli.out.clone().unwrap_or_else(|| config.root.join("out"));
     let layout = Layout::new(&out)?;
-    let plan = Plan::new(&config, args.kernel.as_deref())?;
+    let plan = Plan::new(&config, args.kernels.only())?;
     let mut failed = 0;
     for kp in &plan.kernels {
         let kver = kp.kver();
