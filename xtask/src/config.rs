@@ -392,6 +392,14 @@ impl Config {
             })
     }
 
+    /// Whether certificates of the registry `reference` names are verified: yes unless
+    /// kernels.toml opts that registry into plain HTTP or into skipping verification.
+    pub fn tls_verify(&self, reference: &str) -> bool {
+        self.registries
+            .get(crate::template::registry_host(reference))
+            .is_none_or(|t| !t.insecure && !t.insecure_skip_tls_verify)
+    }
+
     pub fn module(&self, name: &str) -> Option<&Module> {
         self.modules.iter().find(|m| m.name == name)
     }

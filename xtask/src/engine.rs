@@ -244,8 +244,16 @@ impl Engine {
         self.cmd().args(["import", "-", image])
     }
 
-    pub fn pull(&self, image: &str) -> Cmd {
-        self.cmd().args(["pull", image])
+    /// `pull`; `verify_tls: false` is podman's `--tls-verify=false` (docker decides per
+    /// registry in its daemon's configuration, where 127.0.0.0/8 is already insecure).
+    pub fn pull(&self, image: &str, verify_tls: bool) -> Cmd {
+        let cmd = self.cmd().arg("pull");
+        let cmd = if self.kind == EngineKind::Podman && !verify_tls {
+            cmd.arg("--tls-verify=false")
+        } else {
+            cmd
+        };
+        cmd.arg(image)
     }
 
     /// A subcommand with the engine's program, for steps that need more (save, push...).

@@ -165,19 +165,24 @@ pub fn build(
         let _ = std::fs::remove_file(&log);
         let (facts, inputs) = (&facts, &inputs);
         let work: schedule::Work = match job.kind.clone() {
-            JobKind::Base { base } => {
-                Box::new(move |_| match toolchain::ensure_base(engine, &base, &log) {
+            JobKind::Base { base } => Box::new(move |_| {
+                match toolchain::ensure_base(
+                    engine,
+                    &base,
+                    plan.config.tls_verify(&base.image),
+                    &log,
+                ) {
                     Ok(_) => Status::Done,
                     Err(e) => Status::Failed(format!("{e:#}")),
-                })
-            }
+                }
+            }),
             JobKind::Toolchain { kernel } => {
                 let kp = &plan.kernels[kernel];
                 Box::new(move |_| {
                     match toolchain::ensure(
                         engine,
                         layout,
-                        kp.toolchain,
+                        plan.config,
                         kp.kernel,
                         &inputs[kernel].toolchain,
                         &log,

@@ -22,11 +22,7 @@ use crate::template::registry_host;
 /// skopeo's TLS flag (`--tls-verify`, `--dest-tls-verify`, ...) for `reference`: off only
 /// when kernels.toml opts that registry into plain HTTP or into skipping verification.
 pub fn tls_flag(config: &Config, reference: &str, flag: &str) -> String {
-    let verify = config
-        .registries
-        .get(registry_host(reference))
-        .is_none_or(|t| !t.insecure && !t.insecure_skip_tls_verify);
-    format!("{flag}={verify}")
+    format!("{flag}={}", config.tls_verify(reference))
 }
 
 /// Copies the image into the engine's local storage under its reference.

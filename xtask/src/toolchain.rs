@@ -13,7 +13,7 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Base, Kernel, Toolchain, ToolchainSource};
+use crate::config::{Base, Config, Kernel, Toolchain, ToolchainSource};
 use crate::engine::{Engine, Run, require_program};
 use crate::process::{self, Cmd};
 use crate::state::{Fingerprint, Layout, machine_lock, read_json, write_json};
@@ -176,7 +176,12 @@ pub fn kernel_source_dir(tc: &Toolchain, kver: &str) -> String {
 
 /// Makes sure a recipe's base image is in local storage. Returns a note when it had
 /// to be made or pulled.
-pub fn ensure_base(engine: &Engine, base: &Base, log: &Path) -> Result<Option<String>> {
+pub fn ensure_base(
+    engine: &Engine,
+    base: &Base,
+    verify_tls: bool,
+    log: &Path,
+) -> Result<Option<String>> {
     if engine.image_id(&base.image)?.is_some() {
         return Ok(None);
     }
@@ -212,7 +217,7 @@ pub fn ensure_base(engine: &Engine, base: &Base, log: &Path) -> Result<Option<St
             )))
         }
         None => {
-            engine.pull(&base.image).run_logged(log, None).with_context(|| {
+            engine.pull(&base.image, verify_tls).run_logged(log, None).with_context(|| {
                 format!(
                     "the base image {} is not in local storage and cannot be pulled\n  help: pull or load it by hand, \
                      or add a [toolchains.<name>.bootstrap] table so kmodforge makes it from the Debian archive",
@@ -229,11 +234,12 @@ pub fn ensure_base(engine: &Engine, base: &Base, log: &Path) -> Result<Option<St
 pub fn ensure(
     engine: &Engine,
     layout: &Layout,
-    tc: &Toolchain,
+    config: &Config,
     kernel: &Kernel,
     fingerprint: &str,
     log: &Path,
 ) -> Result<Facts> {
+    let tc = &config.toolchains[&kernel.toolchain];
     let kver = &kernel.version;
     let image = image_name(tc, kver, fingerprint)?;
     let facts_path = layout.toolchain_facts(fingerprint);
@@ -273,7 +279,7 @@ pub fn ensure(
                     })?;
             }
             ToolchainSource::Image(_) => {
-                engine.pull(&image).run_logged(log, None).with_context(|| {
+                engine.pull(&image, config.tls_verify(&image)).run_logged(log, None).with_context(|| {
                     format!(
                         "cannot pull toolchain image {image}\n  help: where no registry is reachable, load the image into \
                          local storage first (`{} load`), or build the toolchain from a recipe",

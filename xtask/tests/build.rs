@@ -358,3 +358,73 @@ fn ctrl_c_stops_the_jobs_and_removes_their_containers() {
         "containers left behind after Ctrl-C"
     );
 }
+
+#[test]
+fn a_prebuilt_toolchain_is_pulled_from_its_registry_as_a_driver_toolkit_would_be() {
+    require("podman", "podman");
+    require("skopeo", "skopeo");
+    // A toolchain image published to a registry, as OpenShift publishes its Driver Toolkit.
+    let made = Project::new(&[K61]);
+    made.run(&["--engine", "podman", "build-all"]).ok();
+    let facts = fs::read_dir(made.out().join(".kmodforge/toolchains"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let facts: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(facts).unwrap()).unwrap();
+    let reg = registry(false);
+    let dtk = format!("{}/dtk/driver-toolkit:{K61}", reg.host);
+    let pushed = std::process::Command::new("skopeo")
+        .args(["copy", "--quiet", "--dest-tls-verify=false"])
+        .arg(format!(
+            "containers-storage:{}",
+            facts["image"].as_str().unwrap()
+        ))
+        .arg(format!("docker://{dtk}"))
+        .status()
+        .unwrap();
+    assert!(pushed.success());
+    let forget = || {
+        let _ = std::process::Command::new("podman")
+            .args(["rmi", "-f", &dtk])
+            .output();
+    };
+
+    let p = Project::new(&[]);
+    let toml = |opt_in: &str| {
+        format!(
+            "{}[toolchains.dtk]\nimage = \"{}/dtk/driver-toolkit:${{KERNEL_FULL_VERSION}}\"\n{opt_in}\
+             [[kernel]]\nversion = \"{K61}\"\ntoolchain = \"dtk\"\nmodules = [\"kmf_hello\"]\n",
+            toolchains_section(),
+            reg.host
+        )
+    };
+    // Plain HTTP is refused until kernels.toml opts that registry in.
+    forget();
+    p.write("kernels.toml", &toml(""));
+    let r = p.run(&["--engine", "podman", "build-all"]).failed();
+    assert!(
+        r.stderr
+            .contains(&format!("cannot pull toolchain image {dtk}")),
+        "{}",
+        r.all()
+    );
+    p.write(
+        "kernels.toml",
+        &toml(&format!("[registries.\"{}\"]\ninsecure = true\n", reg.host)),
+    );
+    let r = p.run(&["--engine", "podman", "build-all"]).ok();
+    let log = fs::read_to_string(p.out().join("logs").join(K61).join("toolchain.log")).unwrap();
+    assert!(
+        log.contains(&format!("pull --tls-verify=false {dtk}")),
+        "{log}"
+    );
+    assert!(
+        modinfo(&p.moddir(K61).join("kmf_hello.ko"), "vermagic").starts_with(&format!("{K61} ")),
+        "{}",
+        r.all()
+    );
+    forget();
+}

@@ -64,7 +64,7 @@ pub(super) fn run(cli: &Cli, config: Config, args: &RustAnalyzerArgs) -> Result<
         let facts = toolchain::ensure(
             &session.engine,
             &session.layout,
-            tc,
+            config,
             kernel,
             &fingerprint,
             &log,

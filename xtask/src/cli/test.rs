@@ -126,7 +126,7 @@ fn one(
     let facts = toolchain::ensure(
         &session.engine,
         &session.layout,
-        kp.toolchain,
+        config,
         kp.kernel,
         &fingerprint,
         &log,
