@@ -239,6 +239,43 @@ impl Engine {
         }
     }
 
+    /// `skopeo copy` from `from` (any skopeo transport) into this engine's local storage.
+    pub fn skopeo_into_storage(&self, from: &str, reference: &str) -> Cmd {
+        self.skopeo_copy(
+            "--dest-daemon-host",
+            from.to_string(),
+            self.storage_ref(reference),
+        )
+    }
+
+    /// `skopeo copy` out of this engine's local storage to `to`.
+    pub fn skopeo_from_storage(&self, reference: &str, to: &str) -> Cmd {
+        self.skopeo_copy(
+            "--src-daemon-host",
+            self.storage_ref(reference),
+            to.to_string(),
+        )
+    }
+
+    fn storage_ref(&self, reference: &str) -> String {
+        match self.kind {
+            EngineKind::Podman => format!("containers-storage:{reference}"),
+            EngineKind::Docker => format!("docker-daemon:{reference}"),
+        }
+    }
+
+    /// skopeo does not read DOCKER_HOST: a daemon elsewhere than the default socket is
+    /// named with `daemon_flag`.
+    fn skopeo_copy(&self, daemon_flag: &str, from: String, to: String) -> Cmd {
+        let mut cmd = Cmd::new("skopeo").args(["copy", "--quiet"]);
+        if self.kind == EngineKind::Docker
+            && let Ok(host) = std::env::var("DOCKER_HOST")
+        {
+            cmd = cmd.arg(format!("{daemon_flag}={host}"));
+        }
+        cmd.arg(from).arg(to)
+    }
+
     /// `import - <image>` reading a root file system tarball from the previous command.
     pub fn import(&self, image: &str) -> Cmd {
         self.cmd().args(["import", "-", image])

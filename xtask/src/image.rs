@@ -20,7 +20,7 @@ use oci_spec::image::{
 
 use crate::config::{Config, ImageBase, Kernel};
 use crate::diag::display_path;
-use crate::engine::{Engine, EngineKind, require_program};
+use crate::engine::{Engine, require_program};
 use crate::oci::{Entry, OciDir, descriptor, layer};
 use crate::process::Cmd;
 use crate::state::{Fingerprint, Layout, replace_dir, walk_files};
@@ -302,18 +302,9 @@ fn resolve_base(
                     .join(".kmodforge/bases")
                     .join(id.trim_start_matches("sha256:"));
                 if !cache.join("index.json").is_file() {
-                    let source = match engine.kind {
-                        EngineKind::Podman => format!("containers-storage:{r}"),
-                        EngineKind::Docker => format!("docker-daemon:{r}"),
-                    };
                     let tmp = state.scratch("base-")?;
-                    Cmd::new("skopeo")
-                        .args([
-                            "copy",
-                            "--quiet",
-                            &source,
-                            &format!("oci:{}:base", tmp.path().display()),
-                        ])
+                    engine
+                        .skopeo_from_storage(r, &format!("oci:{}:base", tmp.path().display()))
                         .run_logged(log, None)
                         .with_context(|| {
                             format!(

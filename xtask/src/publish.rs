@@ -14,7 +14,7 @@ use std::path::Path;
 use anyhow::{Result, anyhow};
 
 use crate::config::Config;
-use crate::engine::{Engine, EngineKind};
+use crate::engine::Engine;
 use crate::image::BuiltImage;
 use crate::process::Cmd;
 use crate::template::registry_host;
@@ -27,12 +27,8 @@ pub fn tls_flag(config: &Config, reference: &str, flag: &str) -> String {
 
 /// Copies the image into the engine's local storage under its reference.
 pub fn load(engine: &Engine, image: &BuiltImage, log: &Path) -> Result<()> {
-    let dest = match engine.kind {
-        EngineKind::Podman => format!("containers-storage:{}", image.reference),
-        EngineKind::Docker => format!("docker-daemon:{}", image.reference),
-    };
-    Cmd::new("skopeo")
-        .args(["copy", "--quiet", &source(image), &dest])
+    engine
+        .skopeo_into_storage(&source(image), &image.reference)
         .run_logged(log, None)
         .map_err(|e| {
             anyhow!(
