@@ -83,6 +83,30 @@ fn inputs(kp: &KernelPlan) -> Result<KernelInputs> {
     })
 }
 
+/// Which jobs must run: every stale compile and depmod job, and the toolchain (and
+/// base) of their kernels. A fresh module another one depends on is not rebuilt: its
+/// artifacts are there.
+pub fn jobs_to_run(plan: &Plan, stale: &[bool]) -> Vec<bool> {
+    let mut needed = vec![false; plan.jobs.len()];
+    for i in (0..plan.jobs.len()).rev() {
+        let job = &plan.jobs[i];
+        if matches!(job.kind, JobKind::Compile { .. } | JobKind::Depmod { .. }) {
+            needed[i] = stale[i];
+        }
+        if needed[i] {
+            for &d in &job.deps {
+                if matches!(
+                    plan.jobs[d].kind,
+                    JobKind::Toolchain { .. } | JobKind::Base { .. }
+                ) {
+                    needed[d] = true;
+                }
+            }
+        }
+    }
+    needed
+}
+
 /// Default guesses, in seconds, for jobs that have never run here.
 fn default_estimate(kind: &JobKind) -> f64 {
     match kind {
@@ -127,19 +151,8 @@ pub fn build(
             JobKind::Toolchain { .. } | JobKind::Base { .. } => None,
         });
     }
-    let mut needed = vec![false; plan.jobs.len()];
-    for i in (0..plan.jobs.len()).rev() {
-        let job = &plan.jobs[i];
-        needed[i] = match job.kind {
-            JobKind::Compile { .. } | JobKind::Depmod { .. } => fresh[i].is_none(),
-            _ => needed[i],
-        };
-        if needed[i] {
-            for &d in &job.deps {
-                needed[d] = true;
-            }
-        }
-    }
+    let stale: Vec<bool> = fresh.iter().map(Option::is_none).collect();
+    let needed = jobs_to_run(plan, &stale);
 
     let mut tasks = Vec::new();
     for (i, job) in plan.jobs.iter().enumerate() {
@@ -301,4 +314,61 @@ pub fn by_kernel(report: &BuildReport) -> BTreeMap<String, Vec<&JobResult>> {
         }
     }
     map
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+
+    #[test]
+    fn only_stale_jobs_and_their_toolchains_run() {
+        let d = tempfile::tempdir().unwrap();
+        fs::create_dir_all(d.path().join("images")).unwrap();
+        fs::write(d.path().join("images/tc"), "FROM x\n").unwrap();
+        for (name, manifest) in [("exp", ""), ("user", "depends = [\"exp\"]\n")] {
+            let m = d.path().join("modules").join(name);
+            fs::create_dir_all(&m).unwrap();
+            fs::write(m.join("Kbuild"), "obj-m := x.o\n").unwrap();
+            fs::write(m.join("module.toml"), manifest).unwrap();
+        }
+        fs::write(
+            d.path().join("kernels.toml"),
+            "[toolchains.deb]\nrecipe = \"images/tc\"\nbase = \"b\"\n[defaults]\ntoolchain = \"deb\"\n\
+             [[kernel]]\nversion = \"6.1.0-1-amd64\"\n[[kernel]]\nversion = \"6.1.0-2-amd64\"\n",
+        )
+        .unwrap();
+        let config = crate::config::Config::load(&d.path().join("kernels.toml")).unwrap();
+        let plan = Plan::new(&config, None).unwrap();
+        let labels: Vec<String> = plan
+            .jobs
+            .iter()
+            .map(|j| plan.label(j).to_string())
+            .collect();
+        let index = |l: &str| labels.iter().position(|x| x == l).unwrap();
+        let running = |stale: &[&str]| -> Vec<String> {
+            let stale: Vec<bool> = labels.iter().map(|l| stale.contains(&l.as_str())).collect();
+            jobs_to_run(&plan, &stale)
+                .iter()
+                .zip(&labels)
+                .filter(|(n, _)| **n)
+                .map(|(_, l)| l.clone())
+                .collect()
+        };
+        assert!(
+            running(&[]).is_empty(),
+            "nothing stale, nothing runs (no toolchain either)"
+        );
+        // The user changed: not its fresh exporter, not the other kernel.
+        assert_eq!(
+            running(&["user @ 6.1.0-1-amd64", "depmod @ 6.1.0-1-amd64"]),
+            [
+                "base b",
+                "toolchain @ 6.1.0-1-amd64",
+                "user @ 6.1.0-1-amd64",
+                "depmod @ 6.1.0-1-amd64"
+            ]
+        );
+        assert!(index("exp @ 6.1.0-1-amd64") < index("user @ 6.1.0-1-amd64"));
+    }
 }
