@@ -243,6 +243,16 @@ struct Session {
     _lock: OutputLock,
 }
 
+impl Drop for Session {
+    /// After Ctrl-C, the handler thread starts removing this run's containers; the main
+    /// thread must not exit before they are gone, so it removes them too (again).
+    fn drop(&mut self) {
+        if process::cancelled() {
+            self.engine.remove_run_containers();
+        }
+    }
+}
+
 impl Session {
     fn open(cli: &Cli, config: Config, args: &BuildArgs) -> Result<Session> {
         if args.install_deps {
