@@ -732,27 +732,12 @@ fn check_module_ref(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::fs;
 
-    /// A scratch project: kernels.toml text, a recipe and the given module folders.
     fn project(
         kernels_toml: &str,
         modules: &[(&str, Option<&str>)],
     ) -> (tempfile::TempDir, Result<Config>) {
-        let dir = tempfile::tempdir().unwrap();
-        fs::create_dir_all(dir.path().join("images")).unwrap();
-        fs::write(dir.path().join("images/tc.Containerfile"), "FROM x\n").unwrap();
-        for (name, manifest) in modules {
-            let m = dir.path().join("modules").join(name);
-            fs::create_dir_all(&m).unwrap();
-            fs::write(m.join("Kbuild"), format!("obj-m := {name}.o\n")).unwrap();
-            if let Some(text) = manifest {
-                fs::write(m.join("module.toml"), text).unwrap();
-            }
-        }
-        fs::write(dir.path().join("kernels.toml"), kernels_toml).unwrap();
-        let cfg = Config::load(&dir.path().join("kernels.toml"));
-        (dir, cfg)
+        crate::testing::scratch(kernels_toml, modules)
     }
 
     const TC: &str =

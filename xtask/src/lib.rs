@@ -29,6 +29,8 @@ pub mod rust_analyzer;
 pub mod schedule;
 pub mod state;
 pub mod template;
+#[cfg(test)]
+mod testing;
 pub mod toolchain;
 pub mod verify;
 pub mod workflow;

@@ -145,23 +145,16 @@ pub fn inputs_at(config: &Config, rev: &str) -> Result<BTreeMap<String, String>>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::fs;
 
     fn config(kernels: usize) -> (tempfile::TempDir, Config) {
-        let d = tempfile::tempdir().unwrap();
-        fs::create_dir_all(d.path().join("images")).unwrap();
-        fs::write(d.path().join("images/tc"), "FROM x\n").unwrap();
-        fs::create_dir_all(d.path().join("modules/m")).unwrap();
-        fs::write(d.path().join("modules/m/Kbuild"), "obj-m := m.o\n").unwrap();
         let mut text = String::from(
-            "[defaults]\ntoolchain = \"deb\"\n[toolchains.deb]\nrecipe = \"images/tc\"\n",
+            "[defaults]\ntoolchain = \"deb\"\n[toolchains.deb]\nrecipe = \"images/tc.Containerfile\"\n",
         );
         for i in 0..kernels {
             text.push_str(&format!("[[kernel]]\nversion = \"6.12.{i}+deb12-amd64\"\n"));
         }
-        fs::write(d.path().join("kernels.toml"), text).unwrap();
-        let c = Config::load(&d.path().join("kernels.toml")).unwrap();
-        (d, c)
+        let (d, c) = crate::testing::scratch(&text, &[("m", None)]);
+        (d, c.unwrap())
     }
 
     #[test]

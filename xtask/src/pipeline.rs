@@ -319,26 +319,15 @@ pub fn by_kernel(report: &BuildReport) -> BTreeMap<String, Vec<&JobResult>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::fs;
 
     #[test]
     fn only_stale_jobs_and_their_toolchains_run() {
-        let d = tempfile::tempdir().unwrap();
-        fs::create_dir_all(d.path().join("images")).unwrap();
-        fs::write(d.path().join("images/tc"), "FROM x\n").unwrap();
-        for (name, manifest) in [("exp", ""), ("user", "depends = [\"exp\"]\n")] {
-            let m = d.path().join("modules").join(name);
-            fs::create_dir_all(&m).unwrap();
-            fs::write(m.join("Kbuild"), "obj-m := x.o\n").unwrap();
-            fs::write(m.join("module.toml"), manifest).unwrap();
-        }
-        fs::write(
-            d.path().join("kernels.toml"),
-            "[toolchains.deb]\nrecipe = \"images/tc\"\nbase = \"b\"\n[defaults]\ntoolchain = \"deb\"\n\
+        let (_d, config) = crate::testing::scratch(
+            "[toolchains.deb]\nrecipe = \"images/tc.Containerfile\"\nbase = \"b\"\n[defaults]\ntoolchain = \"deb\"\n\
              [[kernel]]\nversion = \"6.1.0-1-amd64\"\n[[kernel]]\nversion = \"6.1.0-2-amd64\"\n",
-        )
-        .unwrap();
-        let config = crate::config::Config::load(&d.path().join("kernels.toml")).unwrap();
+            &[("exp", None), ("user", Some("depends = [\"exp\"]\n"))],
+        );
+        let config = config.unwrap();
         let plan = Plan::new(&config, None).unwrap();
         let labels: Vec<String> = plan
             .jobs

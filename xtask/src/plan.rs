@@ -179,32 +179,20 @@ impl fmt::Display for JobLabel {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::fs;
 
     fn config() -> (tempfile::TempDir, Config) {
-        let d = tempfile::tempdir().unwrap();
-        fs::create_dir_all(d.path().join("images")).unwrap();
-        fs::write(d.path().join("images/tc"), "FROM x\n").unwrap();
-        for (name, manifest) in [
-            ("exp", ""),
-            ("user", "depends = [\"exp\"]\n"),
-            ("only61", "kernels = '^6\\.1\\.'\n"),
-        ] {
-            let m = d.path().join("modules").join(name);
-            fs::create_dir_all(&m).unwrap();
-            fs::write(m.join("Kbuild"), "obj-m := x.o\n").unwrap();
-            fs::write(m.join("module.toml"), manifest).unwrap();
-        }
-        fs::write(
-            d.path().join("kernels.toml"),
+        let (d, c) = crate::testing::scratch(
             "[defaults]\ntoolchain = \"deb\"\n\
-             [toolchains.deb]\nrecipe = \"images/tc\"\nbase = \"localhost/b\"\n\
+             [toolchains.deb]\nrecipe = \"images/tc.Containerfile\"\nbase = \"localhost/b\"\n\
              [[kernel]]\nversion = \"6.1.0-47-amd64\"\n\
              [[kernel]]\nversion = \"6.12.117+deb12-amd64\"\n",
-        )
-        .unwrap();
-        let cfg = Config::load(&d.path().join("kernels.toml")).unwrap();
-        (d, cfg)
+            &[
+                ("exp", None),
+                ("user", Some("depends = [\"exp\"]\n")),
+                ("only61", Some("kernels = '^6\\.1\\.'\n")),
+            ],
+        );
+        (d, c.unwrap())
     }
 
     #[test]

@@ -366,22 +366,12 @@ fn a_prebuilt_toolchain_is_pulled_from_its_registry_as_a_driver_toolkit_would_be
     // A toolchain image published to a registry, as OpenShift publishes its Driver Toolkit.
     let made = Project::new(&[K61]);
     made.run(&["--engine", "podman", "build-all"]).ok();
-    let facts = fs::read_dir(made.out().join(".kmodforge/toolchains"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
-    let facts: serde_json::Value =
-        serde_json::from_str(&fs::read_to_string(facts).unwrap()).unwrap();
+    let toolchain = made.toolchain_image();
     let reg = registry(false);
     let dtk = format!("{}/dtk/driver-toolkit:{K61}", reg.host);
     let pushed = std::process::Command::new("skopeo")
         .args(["copy", "--quiet", "--dest-tls-verify=false"])
-        .arg(format!(
-            "containers-storage:{}",
-            facts["image"].as_str().unwrap()
-        ))
+        .arg(format!("containers-storage:{}", toolchain.as_str()))
         .arg(format!("docker://{dtk}"))
         .status()
         .unwrap();

@@ -335,15 +335,8 @@ fn the_in_cluster_dockerfile_builds_locally_with_a_toolchain_as_dtk() {
     toml.push_str("[image]\nbase = \"localhost/kmodforge/debian:bookworm\"\n");
     p.write("kernels.toml", &toml);
     p.run(&["--engine", "podman", "build-all"]).ok();
-    let facts = fs::read_dir(p.out().join(".kmodforge/toolchains"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
-    let facts: serde_json::Value =
-        serde_json::from_str(&fs::read_to_string(facts).unwrap()).unwrap();
-    let dtk = facts["image"].as_str().unwrap();
+    let toolchain = p.toolchain_image();
+    let dtk = toolchain.as_str();
 
     let manifests = docs(&p.run(&["kmm", "--in-cluster-build"]).ok().stdout);
     let ctx = tempfile::tempdir().unwrap();

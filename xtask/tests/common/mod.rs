@@ -95,6 +95,20 @@ impl Project {
     pub fn run(&self, args: &[&str]) -> Run {
         run(self.xtask(args))
     }
+
+    /// The toolchain image a build of this project used (from its probe record).
+    pub fn toolchain_image(&self) -> String {
+        let dir = self.out().join(".kmodforge/toolchains");
+        let facts = fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+            .next()
+            .expect("a probed toolchain")
+            .unwrap()
+            .path();
+        let facts: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(facts).unwrap()).unwrap();
+        facts["image"].as_str().unwrap().to_string()
+    }
 }
 
 /// The part of the repository's kernels.toml before its first kernel.

@@ -1,0 +1,29 @@
+//! Scratch projects for unit tests.
+
+use std::fs;
+
+use anyhow::Result;
+
+use crate::config::Config;
+
+/// A project with `kernels_toml`, a recipe at `images/tc.Containerfile`, and module
+/// folders (a Kbuild each, and the module.toml text when given).
+pub fn scratch(
+    kernels_toml: &str,
+    modules: &[(&str, Option<&str>)],
+) -> (tempfile::TempDir, Result<Config>) {
+    let dir = tempfile::tempdir().unwrap();
+    fs::create_dir_all(dir.path().join("images")).unwrap();
+    fs::write(dir.path().join("images/tc.Containerfile"), "FROM x\n").unwrap();
+    for (name, manifest) in modules {
+        let m = dir.path().join("modules").join(name);
+        fs::create_dir_all(&m).unwrap();
+        fs::write(m.join("Kbuild"), format!("obj-m := {name}.o\n")).unwrap();
+        if let Some(text) = manifest {
+            fs::write(m.join("module.toml"), text).unwrap();
+        }
+    }
+    fs::write(dir.path().join("kernels.toml"), kernels_toml).unwrap();
+    let config = Config::load(&dir.path().join("kernels.toml"));
+    (dir, config)
+}
