@@ -55,7 +55,14 @@ fn builds_every_module_for_a_61_and_a_612_kernel_then_only_what_changed() {
         }
         // kmf_user resolved kmf_export_add through the exporter's Module.symvers.
         assert_eq!(modinfo(&dir.join("kmf_user.ko"), "depends"), "kmf_export");
-        let symbols = fs::read_to_string(dir.join("modules.symbols")).unwrap_or_default();
+        // depmod indexed the exported symbol, so modprobe can resolve it by name.
+        let symbols = fs::read_to_string(dir.join("modules.symbols")).unwrap();
+        assert!(
+            symbols
+                .lines()
+                .any(|l| l == "alias symbol:kmf_export_add kmf_export"),
+            "{symbols}"
+        );
         let exported = fs::read_to_string(
             p.out()
                 .join(".kmodforge/kernels")
@@ -64,7 +71,6 @@ fn builds_every_module_for_a_61_and_a_612_kernel_then_only_what_changed() {
         )
         .unwrap();
         assert!(exported.contains("kmf_export_add"), "{exported}");
-        let _ = symbols;
         assert!(
             p.out()
                 .join("logs")
