@@ -126,7 +126,9 @@ pub fn install(with_tests: bool) -> Result<()> {
         missing.iter().map(|p| p.name).collect::<Vec<_>>().join(" ")
     );
     apt(&["update", "-q"]).read()?;
-    let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
+    // With recommends, as every test here ran: podman's own set (fuse-overlayfs,
+    // slirp4netns, catatonit...) is what makes it work on a fresh machine.
+    let mut args = vec!["install", "-y", "-q"];
     args.extend(missing.iter().map(|p| p.name));
     apt(&args).read()?;
     Ok(())
