@@ -1,36 +1,23 @@
 //! kmodforge: turns out-of-tree Linux kernel modules into KMM kmod images.
 //!
-//! The pipeline, one file per step: [`config`] (kernels.toml) and [`modules`] →
-//! [`plan`] → [`toolchain`] → [`build`] → [`depmod`]; [`pipeline`] executes a plan on
-//! the [`schedule`]r through the container [`engine`], with every program run by
-//! [`process`]. The command line and everything that prints is in [`cli`].
+//! The folders follow the pipeline:
+//! - [`config`]: kernels.toml, module folders (module.toml), diagnostics, templates;
+//! - [`plan`]: the whole pipeline as a sorted list of jobs (pure);
+//! - [`run`]: executes a plan: the scheduler, progress, fingerprints, the output layout;
+//! - [`steps`]: what each job does: toolchain, compile, depmod, image, publish, load
+//!   test, verify (and rust-analyzer for editors);
+//! - [`handoff`]: what leaves kmodforge: the CI matrix and workflow, KMM manifests;
+//! - [`host`]: the machine: processes, the container engine, files, host packages;
+//! - [`formats`]: file formats read and written: OCI layouts, initramfs, modinfo;
+//! - [`cli`]: the command line and everything that prints.
 
-pub mod build;
 pub mod cli;
 pub mod config;
-pub mod depmod;
-pub mod deps;
-pub mod diag;
-pub mod engine;
-pub mod image;
-pub mod initramfs;
-pub mod kmm;
-pub mod loadtest;
-pub mod matrix;
-pub mod modinfo;
-pub mod modules;
-pub mod oci;
-pub mod pipeline;
+pub mod formats;
+pub mod handoff;
+pub mod host;
 pub mod plan;
-pub mod process;
-pub mod progress;
-pub mod publish;
-pub mod rust_analyzer;
-pub mod schedule;
-pub mod state;
-pub mod template;
+pub mod run;
+pub mod steps;
 #[cfg(test)]
 mod testing;
-pub mod toolchain;
-pub mod verify;
-pub mod workflow;

@@ -7,8 +7,8 @@ use std::fmt;
 
 use anyhow::Result;
 
+use crate::config::modules::Module;
 use crate::config::{Base, Config, Kernel, Toolchain, ToolchainSource};
-use crate::modules::Module;
 
 pub struct Plan<'c> {
     pub config: &'c Config,

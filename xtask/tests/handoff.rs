@@ -276,12 +276,18 @@ fn kmm_manifests_follow_the_crd_and_point_at_the_images_kmodforge_pushes() {
     // (the '+' of a Debian 6.12 version normalized the same way).
     let config = xtask::config::Config::load(&p.path().join("kernels.toml")).unwrap();
     for k in [K61, K612] {
-        let resolved =
-            xtask::kmm::kmm_resolves(&xtask::kmm::container_image(&config).unwrap(), k).unwrap();
-        assert_eq!(resolved, xtask::image::reference(&config, k).unwrap());
+        let resolved = xtask::handoff::kmm::kmm_resolves(
+            &xtask::handoff::kmm::container_image(&config).unwrap(),
+            k,
+        )
+        .unwrap();
+        assert_eq!(
+            resolved,
+            xtask::steps::image::reference(&config, k).unwrap()
+        );
     }
     assert_eq!(
-        xtask::image::reference(&config, K612).unwrap(),
+        xtask::steps::image::reference(&config, K612).unwrap(),
         "registry.example.com:5000/drivers/kmf-demo:6.12.117_deb12-amd64"
     );
 

@@ -10,10 +10,12 @@ use regex::Regex;
 
 use super::Cli;
 use crate::config::Config;
-use crate::diag::display_path;
+use crate::config::diag::display_path;
+use crate::handoff::kmm;
+use crate::handoff::matrix;
+use crate::handoff::workflow;
 use crate::plan::Plan;
-use crate::state::Layout;
-use crate::{kmm, matrix, workflow};
+use crate::run::layout::Layout;
 
 #[derive(Args)]
 pub(super) struct MatrixArgs {
@@ -72,7 +74,7 @@ pub(super) fn workflow(config: Config, args: &WorkflowArgs) -> Result<ExitCode> 
         println!("{} is up to date", display_path(&path));
         return Ok(ExitCode::SUCCESS);
     }
-    crate::state::write_atomic(&path, text.as_bytes())?;
+    crate::host::fs::write_atomic(&path, text.as_bytes())?;
     println!("wrote {}", display_path(&path));
     Ok(ExitCode::SUCCESS)
 }
@@ -102,7 +104,7 @@ pub(super) fn kmm(cli: &Cli, config: Config, args: &KmmArgs) -> Result<ExitCode>
     let yaml = kmm::manifests(&plan, Some(&layout), &options)?;
     match &args.output {
         Some(path) => {
-            crate::state::write_atomic(path, yaml.as_bytes())?;
+            crate::host::fs::write_atomic(path, yaml.as_bytes())?;
             eprintln!("wrote {}", display_path(path));
         }
         None => print!("{yaml}"),

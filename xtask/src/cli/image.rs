@@ -9,11 +9,11 @@ use clap::Args;
 
 use super::{BuildArgs, Cli, Session, indent};
 use crate::config::Config;
-use crate::image::{self, BuiltImage, Provenance};
+use crate::host::process;
 use crate::plan::{JobKind, Plan};
-use crate::process;
-use crate::progress::Status;
-use crate::publish::{self, Pushed};
+use crate::run::progress::Status;
+use crate::steps::image::{self, BuiltImage, Provenance};
+use crate::steps::publish::{self, Pushed};
 
 #[derive(Args)]
 pub(super) struct ImageArgs {
@@ -121,8 +121,11 @@ fn one(
     }
     if let Some(dir) = &args.oci_archive {
         let path = dir.join(format!("{}.tar", built.tag));
-        crate::oci::archive(&built.dir, &path)?;
-        lines.push(format!("wrote {}", crate::diag::display_path(&path)));
+        crate::formats::oci::archive(&built.dir, &path)?;
+        lines.push(format!(
+            "wrote {}",
+            crate::config::diag::display_path(&path)
+        ));
     }
     if args.push {
         match publish::push(config, &built, args.force, log)? {

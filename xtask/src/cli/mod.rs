@@ -18,13 +18,14 @@ use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{Config, ToolchainSource};
-use crate::engine::{Engine, EngineKind};
-use crate::pipeline::BuildReport;
+use crate::host::deps;
+use crate::host::engine::{Engine, EngineKind};
+use crate::host::process;
 use crate::plan::Plan;
-use crate::process;
-use crate::progress::{Reporter, Status};
-use crate::state::{Layout, OutputLock};
-use crate::{deps, pipeline};
+use crate::run::layout::{Layout, OutputLock};
+use crate::run::pipeline;
+use crate::run::pipeline::BuildReport;
+use crate::run::progress::{Reporter, Status};
 pub use report::ProgressMode;
 
 const ABOUT: &str = "kmodforge: build out-of-tree kernel modules into KMM kmod images";
@@ -332,7 +333,7 @@ fn build_command(
     }
     println!(
         "staging trees: {}",
-        crate::diag::display_path(&session.layout.out)
+        crate::config::diag::display_path(&session.layout.out)
     );
     Ok(ExitCode::SUCCESS)
 }
@@ -360,7 +361,10 @@ fn print_plan(plan: &Plan) {
     for kp in &plan.kernels {
         let tc = match &kp.toolchain.source {
             ToolchainSource::Recipe(r) => {
-                format!("recipe {}", crate::diag::display_path(&r.containerfile))
+                format!(
+                    "recipe {}",
+                    crate::config::diag::display_path(&r.containerfile)
+                )
             }
             ToolchainSource::Image(i) => format!("image {i}"),
         };

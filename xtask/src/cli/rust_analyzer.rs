@@ -7,8 +7,8 @@ use clap::Args;
 
 use super::{BuildArgs, Cli, Session};
 use crate::config::Config;
-use crate::modules::Language;
-use crate::toolchain;
+use crate::config::modules::Language;
+use crate::steps::toolchain;
 
 #[derive(Args)]
 pub(super) struct RustAnalyzerArgs {
@@ -78,7 +78,7 @@ pub(super) fn run(cli: &Cli, config: Config, args: &RustAnalyzerArgs) -> Result<
             }
             continue;
         }
-        let path = crate::rust_analyzer::generate(
+        let path = crate::steps::rust_analyzer::generate(
             &session.engine,
             &session.layout,
             module,
@@ -89,7 +89,7 @@ pub(super) fn run(cli: &Cli, config: Config, args: &RustAnalyzerArgs) -> Result<
         )?;
         println!(
             "wrote {} (kernel {})",
-            crate::diag::display_path(&path),
+            crate::config::diag::display_path(&path),
             kernel.version
         );
         return Ok(ExitCode::SUCCESS);

@@ -2,9 +2,9 @@
 
 use std::fmt::Write;
 
-use crate::pipeline::{BuildReport, by_kernel};
 use crate::plan::Plan;
-use crate::progress::Status;
+use crate::run::pipeline::{BuildReport, by_kernel};
+use crate::run::progress::Status;
 
 fn cell(status: &Status, secs: f64) -> String {
     match status {

@@ -10,14 +10,14 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 
 use super::{BuildArgs, Cli, Session, indent};
-use crate::build::Record;
 use crate::config::Kernel;
-use crate::image::{self, Provenance};
-use crate::loadtest;
-use crate::oci::{self, OciDir};
+use crate::formats::oci::{self, OciDir};
+use crate::host::process;
 use crate::plan::{KernelPlan, Plan};
-use crate::process;
-use crate::toolchain;
+use crate::steps::compile::Record;
+use crate::steps::image::{self, Provenance};
+use crate::steps::loadtest;
+use crate::steps::toolchain;
 
 #[derive(Args)]
 pub(super) struct TestArgs {
@@ -142,7 +142,7 @@ fn one(
     let busybox = image::busybox_binary(config, &session.layout, &log)?;
     let initrd = loadtest::initramfs(busybox, &image_fs, &prefix, kver, &subjects)?;
     let initrd_path = session.layout.kernel_state(kver).join("initrd.gz");
-    crate::state::write_atomic(&initrd_path, &initrd)?;
+    crate::host::fs::write_atomic(&initrd_path, &initrd)?;
 
     let console_log = session.layout.log(kver, "qemu-console");
     let (console, wall, accel) = loadtest::boot(
@@ -157,7 +157,7 @@ fn one(
         "{kver}: booted under QEMU with {accel}, {} modules, {:.1} s wall; console: {}",
         subjects.len(),
         wall.as_secs_f64(),
-        crate::diag::display_path(&console_log)
+        crate::config::diag::display_path(&console_log)
     );
     let modules_dep = image_fs.contains_key(&format!("{modules_dir}/modules.dep"));
     Ok(loadtest::judge(&console, kver, &subjects, modules_dep))
@@ -172,7 +172,7 @@ fn parameters(session: &Session, kernel: &Kernel) -> BTreeMap<String, Vec<String
             continue;
         }
         let record: Option<Record> =
-            crate::state::read_json(&Record::path(&session.layout, &kernel.version, &m.name));
+            crate::host::fs::read_json(&Record::path(&session.layout, &kernel.version, &m.name));
         let kos = record
             .map(|r| r.modules)
             .filter(|k| !k.is_empty())

@@ -8,11 +8,11 @@ use clap::Args;
 
 use super::Cli;
 use crate::config::Config;
-use crate::diag::display_path;
-use crate::oci::OciDir;
+use crate::config::diag::display_path;
+use crate::formats::oci::OciDir;
 use crate::plan::Plan;
-use crate::state::Layout;
-use crate::verify::{self, Check};
+use crate::run::layout::Layout;
+use crate::steps::verify::{self, Check};
 
 #[derive(Args)]
 pub(super) struct VerifyArgs {

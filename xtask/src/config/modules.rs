@@ -20,8 +20,8 @@ use regex::Regex;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::diag::{Diagnostic, Diagnostics, Source, display_path};
-use crate::template::Vars;
+use crate::config::diag::{Diagnostic, Diagnostics, Source, display_path};
+use crate::config::template::Vars;
 
 /// The file in a module folder that holds its metadata.
 pub const MANIFEST: &str = "module.toml";

@@ -14,10 +14,10 @@ use std::path::Path;
 use anyhow::{Result, anyhow};
 
 use crate::config::Config;
-use crate::engine::Engine;
-use crate::image::BuiltImage;
-use crate::process::Cmd;
-use crate::template::registry_host;
+use crate::config::template::registry_host;
+use crate::host::engine::Engine;
+use crate::host::process::Cmd;
+use crate::steps::image::BuiltImage;
 
 /// skopeo's TLS flag (`--tls-verify`, `--dest-tls-verify`, ...) for `reference`: off only
 /// when kernels.toml opts that registry into plain HTTP or into skipping verification.
@@ -94,7 +94,7 @@ fn remote_layers(
                 || msg.contains("not found")
                 || msg.contains("name unknown")
             {
-                crate::process::append_log(
+                crate::host::process::append_log(
                     log,
                     &format!("{} is not in the registry yet", image.reference),
                 )?;
@@ -112,7 +112,7 @@ fn remote_layers(
                 .collect()
         })
         .unwrap_or_default();
-    Ok(Some((crate::oci::sha256(raw.as_bytes()), layers)))
+    Ok(Some((crate::formats::oci::sha256(raw.as_bytes()), layers)))
 }
 
 /// Adds what to do to a registry error: TLS opt-ins by name, never by guessing.
@@ -123,12 +123,12 @@ fn explain(config: &Config, reference: &str, what: &str, e: anyhow::Error) -> an
         format!(
             "\n  help: the certificate of {host} is not trusted. Install its CA on this host, or (not recommended) set \
              [registries.\"{host}\"] insecure-skip-tls-verify = true in {}",
-            crate::diag::display_path(&config.path)
+            crate::config::diag::display_path(&config.path)
         )
     } else if msg.contains("HTTP response to HTTPS client") {
         format!(
             "\n  help: {host} speaks plain HTTP. If that is intended (not recommended), set [registries.\"{host}\"] insecure = true in {}",
-            crate::diag::display_path(&config.path)
+            crate::config::diag::display_path(&config.path)
         )
     } else if msg.contains("unauthorized") || msg.contains("authentication required") {
         format!(

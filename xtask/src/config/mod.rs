@@ -1,3 +1,6 @@
+//! Configuration: kernels.toml (this file), the module folders ([`modules`]),
+//! diagnostics at file:line:col ([`diag`]) and KMM's templates ([`template`]).
+//!
 //! kernels.toml: the kernels to build for, the toolchains that build them, and defaults.
 //!
 //! Parsing is strict (unknown keys are errors) and every problem is reported at its
@@ -9,14 +12,18 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::LazyLock;
 
+pub mod diag;
+pub mod modules;
+pub mod template;
+
 use anyhow::Result;
 use regex::Regex;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::diag::{Diagnostic, Diagnostics, Location, Source, display_path};
-use crate::modules::{self, Module};
-use crate::template::Vars;
+use self::modules::Module;
+use crate::config::diag::{Diagnostic, Diagnostics, Location, Source, display_path};
+use crate::config::template::Vars;
 
 /// The validated contents of kernels.toml plus the modules found beside it.
 #[derive(Debug)]
@@ -396,7 +403,7 @@ impl Config {
     /// kernels.toml opts that registry into plain HTTP or into skipping verification.
     pub fn tls_verify(&self, reference: &str) -> bool {
         self.registries
-            .get(crate::template::registry_host(reference))
+            .get(crate::config::template::registry_host(reference))
             .is_none_or(|t| !t.insecure && !t.insecure_skip_tls_verify)
     }
 
@@ -629,7 +636,7 @@ fn image_settings(
                 let checked = kmm
                     .vars("6.12.117+deb12-amd64")
                     .expand(n.get_ref())
-                    .and_then(|e| crate::template::image_reference(&e).map(drop));
+                    .and_then(|e| crate::config::template::image_reference(&e).map(drop));
                 if let Err(e) = checked {
                     diags.push(source.error(&n.span(), e).help(
                         "e.g. name = \"quay.io/example/${MOD_NAME}:${KERNEL_FULL_VERSION}\"",

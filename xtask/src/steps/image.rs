@@ -18,13 +18,15 @@ use oci_spec::image::{
     Os, RootFsBuilder,
 };
 
+use crate::config::diag::display_path;
+use crate::config::template::image_reference;
 use crate::config::{Config, ImageBase, Kernel};
-use crate::diag::display_path;
-use crate::engine::{Engine, require_program};
-use crate::oci::{Entry, OciDir, descriptor, layer};
-use crate::process::Cmd;
-use crate::state::{Fingerprint, Layout, replace_dir, walk_files};
-use crate::template::image_reference;
+use crate::formats::oci::{Entry, OciDir, descriptor, layer};
+use crate::host::engine::{Engine, require_program};
+use crate::host::fs::replace_dir;
+use crate::host::process::Cmd;
+use crate::run::fingerprint::{Fingerprint, walk_files};
+use crate::run::layout::Layout;
 
 /// What the source of an image is: time, revision, and where it lives.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -320,7 +322,7 @@ fn resolve_base(
                 });
             }
             let tmp = state.scratch("base-")?;
-            let tls = crate::publish::tls_flag(config, r, "--src-tls-verify");
+            let tls = crate::steps::publish::tls_flag(config, r, "--src-tls-verify");
             let pulled = Cmd::new("skopeo")
                 .args([
                     "copy",
@@ -398,7 +400,7 @@ pub fn busybox_binary(config: &Config, state: &Layout, log: &Path) -> Result<Vec
             }
         }
         let data = found.context("busybox-static did not contain bin/busybox")?;
-        crate::state::write_atomic(&binary, &data)?;
+        crate::host::fs::write_atomic(&binary, &data)?;
     }
     Ok(fs::read(&binary)?)
 }
@@ -407,7 +409,7 @@ pub fn busybox_binary(config: &Config, state: &Layout, log: &Path) -> Result<Vec
 /// exactly what KMM's worker runs in the image.
 fn busybox_base(config: &Config, state: &Layout, epoch: u64, log: &Path) -> Result<OciDir> {
     let data = busybox_binary(config, state, log)?;
-    let digest = crate::oci::sha256(&data);
+    let digest = crate::formats::oci::sha256(&data);
     let key = digest.trim_start_matches("sha256:");
     let mut entries = vec![
         Entry::Dir { path: "bin".into() },

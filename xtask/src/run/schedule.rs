@@ -8,9 +8,9 @@ use std::collections::BTreeSet;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use crate::host::process;
 use crate::plan::JobLabel;
-use crate::process;
-use crate::progress::{Reporter, Status};
+use crate::run::progress::{Reporter, Status};
 
 pub type Work<'s> = Box<dyn FnOnce(&[Status]) -> Status + Send + 's>;
 
@@ -166,7 +166,7 @@ fn critical_path(tasks: &[Task<'_>]) -> Vec<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::progress::Silent;
+    use crate::run::progress::Silent;
     use std::sync::Mutex;
 
     fn label(name: &str) -> JobLabel {

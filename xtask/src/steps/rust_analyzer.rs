@@ -11,9 +11,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
-use crate::engine::{Engine, Mount, Run};
-use crate::modules::Module;
-use crate::state::Layout;
+use crate::config::modules::Module;
+use crate::host::engine::{Engine, Mount, Run};
+use crate::run::layout::Layout;
 
 const SRC: &str = "/kmodforge/src";
 const BUILD: &str = "/kmodforge/build";
@@ -30,7 +30,7 @@ pub fn generate(
     log: &Path,
 ) -> Result<PathBuf> {
     let work = layout.work(kver, &format!("{}.rust-analyzer", module.name));
-    crate::state::fresh_dir(&work)?;
+    crate::host::fs::fresh_dir(&work)?;
     let export = layout.kernel_state(kver).join("rust-analyzer");
     let exported = export.join(".complete").is_file();
     if !exported {
@@ -125,7 +125,7 @@ fi
         bail!("rust-project.json lists no crates");
     }
     let dest = module.dir.join("rust-project.json");
-    crate::state::write_atomic(&dest, serde_json::to_string_pretty(&value)?.as_bytes())?;
+    crate::host::fs::write_atomic(&dest, serde_json::to_string_pretty(&value)?.as_bytes())?;
     Ok(dest)
 }
 

@@ -12,10 +12,10 @@ use std::path::Path;
 
 use anyhow::Result;
 
-use crate::depmod::DEPMOD_FILES;
-use crate::modinfo::ModInfo;
-use crate::oci::{self, Node, OciDir};
-use crate::state::walk_files;
+use crate::formats::modinfo::ModInfo;
+use crate::formats::oci::{self, Node, OciDir};
+use crate::run::fingerprint::walk_files;
+use crate::steps::depmod::DEPMOD_FILES;
 
 /// One check and how it went.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -19,10 +19,10 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use serde::{Deserialize, Serialize, de::DeserializeOwned};
-use sha2::{Digest, Sha256};
+use serde::{Deserialize, Serialize};
 
-use crate::diag::display_path;
+use crate::config::diag::display_path;
+use crate::run::fingerprint::Fingerprint;
 
 #[derive(Clone, Debug)]
 pub struct Layout {
@@ -170,146 +170,6 @@ pub fn machine_lock(what: &str) -> Result<File> {
     Ok(file)
 }
 
-/// A SHA-256 over labelled fields and file trees: the identity of a job's inputs.
-pub struct Fingerprint(Sha256);
-
-impl Fingerprint {
-    pub fn new(kind: &str) -> Fingerprint {
-        let mut f = Fingerprint(Sha256::new());
-        f.field("kind", kind);
-        f
-    }
-
-    /// Adds a named value; names and lengths keep `("ab","c")` apart from `("a","bc")`.
-    pub fn field(&mut self, name: &str, value: &str) -> &mut Self {
-        for part in [name, value] {
-            self.0.update((part.len() as u64).to_le_bytes());
-            self.0.update(part.as_bytes());
-        }
-        self
-    }
-
-    /// Adds every file under `dir` (sorted relative paths, the executable bit and the
-    /// contents); symbolic links by their target.
-    pub fn tree(&mut self, dir: &Path) -> Result<&mut Self> {
-        for rel in walk_files(dir)? {
-            let path = dir.join(&rel);
-            let meta = fs::symlink_metadata(&path)?;
-            let rel = rel.to_string_lossy();
-            if meta.file_type().is_symlink() {
-                self.field("link", &rel);
-                self.field("target", &fs::read_link(&path)?.to_string_lossy());
-                continue;
-            }
-            use std::os::unix::fs::PermissionsExt;
-            let exec = meta.permissions().mode() & 0o111 != 0;
-            self.field("file", &rel);
-            self.field("exec", if exec { "1" } else { "0" });
-            let bytes =
-                fs::read(&path).with_context(|| format!("cannot read {}", display_path(&path)))?;
-            self.0.update((bytes.len() as u64).to_le_bytes());
-            self.0.update(&bytes);
-        }
-        Ok(self)
-    }
-
-    pub fn file(&mut self, name: &str, path: &Path) -> Result<&mut Self> {
-        let bytes =
-            fs::read(path).with_context(|| format!("cannot read {}", display_path(path)))?;
-        self.field(name, &String::from_utf8_lossy(&bytes));
-        Ok(self)
-    }
-
-    pub fn finish(&self) -> String {
-        hex(&self.0.clone().finalize())
-    }
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Relative paths of all files and symlinks under `dir`, sorted; `.git` is passed over.
-pub fn walk_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    let mut stack = vec![PathBuf::new()];
-    while let Some(rel) = stack.pop() {
-        let abs = dir.join(&rel);
-        for entry in
-            fs::read_dir(&abs).with_context(|| format!("cannot list {}", display_path(&abs)))?
-        {
-            let entry = entry?;
-            let name = entry.file_name();
-            if name == ".git" {
-                continue;
-            }
-            let child = rel.join(&name);
-            if entry.file_type()?.is_dir() {
-                stack.push(child);
-            } else {
-                out.push(child);
-            }
-        }
-    }
-    out.sort();
-    Ok(out)
-}
-
-/// Makes `dir` an empty directory, removing whatever a previous run left there.
-pub fn fresh_dir(dir: &Path) -> Result<()> {
-    if dir.exists() {
-        fs::remove_dir_all(dir).with_context(|| format!("cannot clear {}", display_path(dir)))?;
-    }
-    fs::create_dir_all(dir).with_context(|| format!("cannot create {}", display_path(dir)))
-}
-
-/// Reads a JSON file; `None` when it is missing or unreadable (a stale or foreign file
-/// only means the work is redone).
-pub fn read_json<T: DeserializeOwned>(path: &Path) -> Option<T> {
-    let bytes = fs::read(path).ok()?;
-    serde_json::from_slice(&bytes).ok()
-}
-
-/// Writes a file so that a reader sees either the old or the new contents, never half.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().context("path has no parent")?;
-    fs::create_dir_all(dir)?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-    tmp.write_all(bytes)?;
-    tmp.persist(path)
-        .with_context(|| format!("cannot write {}", display_path(path)))?;
-    Ok(())
-}
-
-pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
-    write_atomic(path, &serde_json::to_vec_pretty(value)?)
-}
-
-/// Replaces the directory `dest` with `new` so that `dest` is always either the old
-/// complete tree or the new complete tree (or, for a moment, absent): never a mix.
-pub fn replace_dir(new: &Path, dest: &Path) -> Result<()> {
-    if let Some(parent) = dest.parent() {
-        fs::create_dir_all(parent)?;
-    }
-    if dest.exists() {
-        let old = dest.with_file_name(format!(
-            ".{}.old-{}",
-            dest.file_name().unwrap_or_default().to_string_lossy(),
-            std::process::id()
-        ));
-        let _ = fs::remove_dir_all(&old);
-        fs::rename(dest, &old)
-            .with_context(|| format!("cannot move {} aside", display_path(dest)))?;
-        fs::rename(new, dest)
-            .with_context(|| format!("cannot move a new tree to {}", display_path(dest)))?;
-        fs::remove_dir_all(&old).ok();
-    } else {
-        fs::rename(new, dest)
-            .with_context(|| format!("cannot move a new tree to {}", display_path(dest)))?;
-    }
-    Ok(())
-}
-
 /// How long jobs took last time, so the longest can start first.
 #[derive(Default, Serialize, Deserialize)]
 pub struct Timings(pub BTreeMap<String, f64>);
@@ -317,43 +177,6 @@ pub struct Timings(pub BTreeMap<String, f64>);
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn fingerprint_changes_with_content_not_with_touch() {
-        let d = tempfile::tempdir().unwrap();
-        fs::write(d.path().join("a.c"), "int x;\n").unwrap();
-        fs::create_dir(d.path().join("sub")).unwrap();
-        fs::write(d.path().join("sub/b.h"), "#define B\n").unwrap();
-        let fp = || Fingerprint::new("t").tree(d.path()).unwrap().finish();
-        let first = fp();
-        // Rewriting the same bytes (a touch) changes nothing.
-        fs::write(d.path().join("a.c"), "int x;\n").unwrap();
-        assert_eq!(fp(), first);
-        fs::write(d.path().join("sub/b.h"), "#define B 1\n").unwrap();
-        assert_ne!(fp(), first);
-    }
-
-    #[test]
-    fn fields_are_length_delimited() {
-        let a = Fingerprint::new("t").field("ab", "c").finish();
-        let b = Fingerprint::new("t").field("a", "bc").finish();
-        assert_ne!(a, b);
-    }
-
-    #[test]
-    fn replace_dir_swaps_whole_trees() {
-        let d = tempfile::tempdir().unwrap();
-        let dest = d.path().join("k");
-        fs::create_dir(&dest).unwrap();
-        fs::write(dest.join("old"), "").unwrap();
-        let new = d.path().join("new");
-        fs::create_dir(&new).unwrap();
-        fs::write(new.join("fresh"), "").unwrap();
-        replace_dir(&new, &dest).unwrap();
-        assert!(dest.join("fresh").exists() && !dest.join("old").exists() && !new.exists());
-        let leftovers: Vec<_> = fs::read_dir(d.path()).unwrap().collect();
-        assert_eq!(leftovers.len(), 1);
-    }
 
     #[test]
     fn a_second_lock_fails_fast_without_wait() {

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::diag::display_path;
+use crate::config::diag::display_path;
 
 /// How many lines of a failed job's log an error shows.
 pub const TAIL_LINES: usize = 20;

@@ -4,7 +4,7 @@
 
 use anyhow::{Result, bail};
 
-use crate::process::{Cmd, which};
+use crate::host::process::{Cmd, which};
 
 /// A Debian package and a program it puts on PATH (how kmodforge sees it is there).
 pub struct Package {
@@ -112,7 +112,7 @@ pub fn install(with_tests: bool) -> Result<()> {
                 .join(", ")
         );
     }
-    let root = crate::engine::own_uid() == 0;
+    let root = crate::host::engine::own_uid() == 0;
     let apt = |args: &[&str]| -> Cmd {
         let cmd = if root {
             Cmd::new("apt-get")

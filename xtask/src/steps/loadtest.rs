@@ -18,12 +18,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use regex::Regex;
 
-use crate::engine::{Engine, Mount, Run};
-use crate::initramfs::Initramfs;
-use crate::modinfo::ModInfo;
-use crate::oci::Node;
-use crate::process::{Cmd, quote, which};
-use crate::state::Layout;
+use crate::formats::initramfs::Initramfs;
+use crate::formats::modinfo::ModInfo;
+use crate::formats::oci::Node;
+use crate::host::engine::{Engine, Mount, Run};
+use crate::host::process::{Cmd, quote, which};
+use crate::run::layout::Layout;
 
 /// One module the test loads.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -222,7 +222,7 @@ pub fn initramfs(
     }
     i.symlink("sbin/modprobe", "/bin/kmod");
     for d in ["proc", "sys", "dev", "tmp"] {
-        i.add(crate::oci::Entry::Dir { path: d.into() });
+        i.add(crate::formats::oci::Entry::Dir { path: d.into() });
     }
     let tree = prefix.trim_start_matches('/');
     for (path, node) in image_fs.range(format!("{tree}/")..) {
@@ -230,7 +230,7 @@ pub fn initramfs(
             break;
         }
         match node {
-            Node::Dir => i.add(crate::oci::Entry::Dir { path: path.clone() }),
+            Node::Dir => i.add(crate::formats::oci::Entry::Dir { path: path.clone() }),
             Node::File {
                 mode,
                 data: Some(data),
@@ -266,7 +266,7 @@ impl Accel {
 /// Where the verdict "KVM does not work on this host" is remembered: nested or
 /// restricted virtualization can offer a /dev/kvm that QEMU cannot run guests on.
 fn kvm_verdict_file() -> PathBuf {
-    crate::state::cache_dir().join("kvm-unusable")
+    crate::run::layout::cache_dir().join("kvm-unusable")
 }
 
 fn host_identity() -> String {
@@ -317,7 +317,7 @@ pub fn boot(
     console_log: &Path,
     timeout: Duration,
 ) -> Result<(String, Duration, Accel)> {
-    crate::engine::require_program(
+    crate::host::engine::require_program(
         "qemu-system-x86_64",
         "qemu-system-x86",
         "the load test boots kernels with it",
@@ -368,8 +368,10 @@ pub fn boot(
             Err(_) if reached_init => return Ok((console, wall, *accel)),
             Err(e) => {
                 if *accel == Accel::Kvm && fallback_left {
-                    let _ =
-                        crate::state::write_atomic(&kvm_verdict_file(), host_identity().as_bytes());
+                    let _ = crate::host::fs::write_atomic(
+                        &kvm_verdict_file(),
+                        host_identity().as_bytes(),
+                    );
                 }
                 last_error = Some(e);
             }

@@ -10,9 +10,11 @@ use std::fs;
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::build::copy_file;
-use crate::engine::{Engine, Mount, Run};
-use crate::state::{Fingerprint, Layout, read_json, replace_dir, write_json};
+use crate::host::engine::{Engine, Mount, Run};
+use crate::host::fs::copy_file;
+use crate::host::fs::{read_json, replace_dir, write_json};
+use crate::run::fingerprint::Fingerprint;
+use crate::run::layout::Layout;
 
 /// The files depmod writes that kmodforge relies on (modprobe reads the `.bin`s).
 pub const DEPMOD_FILES: &[&str] = &[

@@ -6,17 +6,18 @@
 //! `KBUILD_EXTRA_SYMBOLS` so modpost resolves the symbols they export. Every `.ko` that
 //! comes out is checked against the kernel version (vermagic) before it is kept.
 
-use std::fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::diag::display_path;
-use crate::engine::{Engine, Mount, Run};
-use crate::modinfo::check_vermagic;
-use crate::modules::{Language, Module, make_vars};
-use crate::state::{Fingerprint, Layout, read_json, replace_dir, walk_files, write_json};
+use crate::config::diag::display_path;
+use crate::config::modules::{Language, Module, make_vars};
+use crate::formats::modinfo::check_vermagic;
+use crate::host::engine::{Engine, Mount, Run};
+use crate::host::fs::{copy_file, read_json, replace_dir, write_json};
+use crate::run::fingerprint::{Fingerprint, walk_files};
+use crate::run::layout::Layout;
 
 const SRC: &str = "/kmodforge/src";
 const BUILD: &str = "/kmodforge/build";
@@ -120,7 +121,7 @@ impl Compile<'_> {
             return Ok(Some(reason));
         }
         let work = self.layout.work(self.kver, &self.module.name);
-        crate::state::fresh_dir(&work)?;
+        crate::host::fs::fresh_dir(&work)?;
 
         let dep_dirs: Vec<(String, PathBuf)> = self
             .deps
@@ -239,15 +240,6 @@ impl Compile<'_> {
         }
         .save(self.layout, self.kver, &self.module.name)
     }
-}
-
-/// Copies a file and gives it mode 0644, whoever built it.
-pub fn copy_file(from: &Path, to: &Path) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    fs::copy(from, to)
-        .with_context(|| format!("cannot copy {} to {}", display_path(from), display_path(to)))?;
-    fs::set_permissions(to, fs::Permissions::from_mode(0o644))?;
-    Ok(())
 }
 
 #[cfg(test)]

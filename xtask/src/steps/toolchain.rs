@@ -13,11 +13,13 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
+use crate::config::template::{Vars, normalize_tag};
 use crate::config::{Base, Config, Kernel, Toolchain, ToolchainSource};
-use crate::engine::{Engine, Run, require_program};
-use crate::process::{self, Cmd};
-use crate::state::{Fingerprint, Layout, machine_lock, read_json, write_json};
-use crate::template::{Vars, normalize_tag};
+use crate::host::engine::{Engine, Run, require_program};
+use crate::host::fs::{read_json, write_json};
+use crate::host::process::{self, Cmd};
+use crate::run::fingerprint::Fingerprint;
+use crate::run::layout::{Layout, machine_lock};
 
 /// What the probe of a toolchain image found.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -93,7 +95,7 @@ pub fn context_files(containerfile: &Path, context: &Path) -> Result<Vec<String>
         for src in args.iter().take(args.len().saturating_sub(1)) {
             let src = src.trim_matches(|c| c == '[' || c == ']' || c == ',' || c == '"');
             if src.contains(['*', '?', '[']) || src == "." || src.ends_with('/') {
-                return Ok(crate::state::walk_files(context)?
+                return Ok(crate::run::fingerprint::walk_files(context)?
                     .into_iter()
                     .map(|p| p.to_string_lossy().into_owned())
                     .collect());

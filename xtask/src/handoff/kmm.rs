@@ -19,12 +19,13 @@ use std::io::Write;
 use anyhow::{Result, bail};
 use serde::Serialize;
 
-use crate::build::Record;
+use crate::config::modules::{Language, Module, make_vars};
+use crate::config::template::{Vars, registry_host};
 use crate::config::{Config, ImageBase};
-use crate::modules::{Language, Module, make_vars};
+use crate::host::fs::read_json;
 use crate::plan::Plan;
-use crate::state::{Layout, read_json};
-use crate::template::{Vars, registry_host};
+use crate::run::layout::Layout;
+use crate::steps::compile::Record;
 
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -140,7 +141,7 @@ pub fn kmm_resolves(container_image: &str, kver: &str) -> Result<String> {
     let expanded = Vars::kernel(kver)
         .expand(container_image)
         .map_err(anyhow::Error::msg)?;
-    crate::template::image_reference(&expanded).map_err(anyhow::Error::msg)
+    crate::config::template::image_reference(&expanded).map_err(anyhow::Error::msg)
 }
 
 /// Modules no other module depends on: each gets a Module of its own.
@@ -323,7 +324,7 @@ pub fn dockerfile(plan: &Plan) -> Result<String> {
             "--in-cluster-build needs [image] base to be an image reference (KMM builds FROM it), not \"busybox\""
         );
     };
-    let c_modules: Vec<&Module> = crate::modules::dependency_order(&config.modules)
+    let c_modules: Vec<&Module> = crate::config::modules::dependency_order(&config.modules)
         .into_iter()
         .filter(|m| m.language == Language::C)
         .collect();
@@ -332,7 +333,7 @@ pub fn dockerfile(plan: &Plan) -> Result<String> {
 
     let mut tar = tar::Builder::new(Vec::new());
     for m in &c_modules {
-        for rel in crate::state::walk_files(&m.dir)? {
+        for rel in crate::run::fingerprint::walk_files(&m.dir)? {
             let data = std::fs::read(m.dir.join(&rel))?;
             let mut h = tar::Header::new_gnu();
             h.set_mode(0o644);

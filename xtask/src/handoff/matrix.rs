@@ -14,13 +14,13 @@ use anyhow::{Context, Result};
 use regex::Regex;
 use serde::Serialize;
 
-use crate::build;
 use crate::config::Config;
-use crate::image;
+use crate::host::process::Cmd;
 use crate::plan::{KernelPlan, Plan};
-use crate::process::Cmd;
-use crate::state::Fingerprint;
-use crate::toolchain;
+use crate::run::fingerprint::Fingerprint;
+use crate::steps::compile;
+use crate::steps::image;
+use crate::steps::toolchain;
 
 /// GitHub Actions runs at most 256 jobs from one matrix.
 pub const GITHUB_MAX_JOBS: usize = 256;
@@ -54,7 +54,7 @@ pub fn kernel_inputs(kp: &KernelPlan) -> Result<String> {
             .iter()
             .map(|d| (d.as_str(), compiled[d.as_str()].as_str()))
             .collect();
-        let fp = build::fingerprint(m, kp.kver(), &tc, &deps)?;
+        let fp = compile::fingerprint(m, kp.kver(), &tc, &deps)?;
         f.field(&m.name, &fp);
         compiled.insert(&m.name, fp);
     }

@@ -11,14 +11,15 @@ use std::time::Duration;
 
 use anyhow::Result;
 
-use crate::build::{self, Compile, Record};
-use crate::depmod;
-use crate::engine::Engine;
+use crate::host::engine::Engine;
+use crate::host::fs::{read_json, write_json};
 use crate::plan::{JobKind, JobLabel, KernelPlan, Plan};
-use crate::progress::{Reporter, Status};
-use crate::schedule::{self, Task};
-use crate::state::{Layout, Timings, read_json, write_json};
-use crate::toolchain::{self, Facts};
+use crate::run::layout::{Layout, Timings};
+use crate::run::progress::{Reporter, Status};
+use crate::run::schedule::{self, Task};
+use crate::steps::compile::{self, Compile, Record};
+use crate::steps::depmod;
+use crate::steps::toolchain::{self, Facts};
 
 /// One settled job of a run.
 pub struct JobResult {
@@ -67,7 +68,7 @@ fn inputs(kp: &KernelPlan) -> Result<KernelInputs> {
                 )
             })
             .collect();
-        compile.push(build::fingerprint(m, kp.kver(), &toolchain, &deps)?);
+        compile.push(compile::fingerprint(m, kp.kver(), &toolchain, &deps)?);
     }
     let pairs: Vec<(&str, &str)> = kp
         .modules
@@ -300,7 +301,7 @@ pub fn build(
 
 fn log_name(kind: &JobKind, label: &JobLabel) -> String {
     match kind {
-        JobKind::Base { base } => crate::template::normalize_tag(&base.image),
+        JobKind::Base { base } => crate::config::template::normalize_tag(&base.image),
         _ => label.name.clone(),
     }
 }

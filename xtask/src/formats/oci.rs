@@ -14,8 +14,8 @@ use oci_spec::image::{Descriptor, DescriptorBuilder, ImageIndexBuilder, ImageMan
 use serde::{Serialize, de::DeserializeOwned};
 use sha2::{Digest, Sha256};
 
-use crate::diag::display_path;
-use crate::state::hex;
+use crate::config::diag::display_path;
+use crate::run::fingerprint::hex;
 
 pub fn sha256(bytes: &[u8]) -> String {
     format!("sha256:{}", hex(&Sha256::digest(bytes)))
@@ -409,7 +409,7 @@ pub fn resolve<'a>(
 /// metadata: an `oci-archive` that is the same bytes for the same layout.
 pub fn archive(dir: &Path, dest: &Path) -> Result<()> {
     let mut entries = Vec::new();
-    for rel in crate::state::walk_files(dir)? {
+    for rel in crate::run::fingerprint::walk_files(dir)? {
         let data = fs::read(dir.join(&rel))?;
         entries.push(Entry::File {
             path: rel.to_string_lossy().into_owned(),
@@ -450,7 +450,7 @@ pub fn archive(dir: &Path, dest: &Path) -> Result<()> {
         h.set_mtime(0);
         builder.append_data(&mut h, path, data.as_slice())?;
     }
-    crate::state::write_atomic(dest, &builder.into_inner()?)
+    crate::host::fs::write_atomic(dest, &builder.into_inner()?)
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use std::io::Write;
 
 use anyhow::Result;
 
-use crate::oci::Entry;
+use crate::formats::oci::Entry;
 
 #[derive(Default)]
 pub struct Initramfs {

@@ -9,7 +9,7 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 use object::{Object, ObjectSection};
 
-use crate::diag::display_path;
+use crate::config::diag::display_path;
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ModInfo {

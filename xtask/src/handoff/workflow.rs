@@ -10,7 +10,7 @@
 use std::path::PathBuf;
 
 use crate::config::Config;
-use crate::deps;
+use crate::host::deps;
 
 pub fn path(config: &Config) -> PathBuf {
     config.root.join(".github/workflows/kmods.yml")

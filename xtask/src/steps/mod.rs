@@ -1,0 +1,12 @@
+//! What each job of a plan does, one file per step, in pipeline order:
+//! [`toolchain`] → [`compile`] → [`depmod`] → [`image`] → [`publish`], with the
+//! [`loadtest`] (QEMU) and [`verify`] (static checks) on the results.
+
+pub mod compile;
+pub mod depmod;
+pub mod image;
+pub mod loadtest;
+pub mod publish;
+pub mod rust_analyzer;
+pub mod toolchain;
+pub mod verify;
