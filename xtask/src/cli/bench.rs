@@ -79,7 +79,9 @@ pub(super) fn run(cli: &Cli, config: Config, args: &BenchArgs) -> Result<ExitCod
         .collect::<Result<_>>()?;
     times.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    let jobs = crate::plan::Plan::new(&config, None)?.jobs.len();
+    let jobs = crate::plan::Plan::new(&config, None, crate::plan::Scope::build())?
+        .jobs
+        .len();
     println!(
         "no-op build-all ({} kernels, {} modules, {jobs} jobs; whole process, {} runs): min {:.1} ms, median {:.1} ms, max {:.1} ms",
         config.kernels.len(),

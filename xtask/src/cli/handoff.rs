@@ -14,7 +14,7 @@ use crate::config::diag::display_path;
 use crate::handoff::kmm;
 use crate::handoff::matrix;
 use crate::handoff::workflow;
-use crate::plan::Plan;
+use crate::plan::{Plan, Scope};
 use crate::run::layout::Layout;
 
 #[derive(Args)]
@@ -35,7 +35,7 @@ pub(super) struct MatrixArgs {
 }
 
 pub(super) fn matrix(config: Config, args: &MatrixArgs) -> Result<ExitCode> {
-    let plan = Plan::new(&config, args.kernel.as_deref())?;
+    let plan = Plan::new(&config, args.kernel.as_deref(), Scope::everything())?;
     let re = args
         .kernel_regex
         .as_deref()
@@ -94,7 +94,7 @@ pub(super) struct KmmArgs {
 }
 
 pub(super) fn kmm(cli: &Cli, config: Config, args: &KmmArgs) -> Result<ExitCode> {
-    let plan = Plan::new(&config, None)?;
+    let plan = Plan::new(&config, None, Scope::build())?;
     let out = cli.out.clone().unwrap_or_else(|| config.root.join("out"));
     let layout = Layout::new(&out)?;
     let options = kmm::Options {

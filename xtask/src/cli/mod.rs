@@ -5,28 +5,24 @@ mod handoff;
 mod image;
 mod report;
 mod rust_analyzer;
+mod session;
 mod summary;
 mod test;
 mod verify;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{Config, ToolchainSource};
 use crate::host::deps;
-use crate::host::engine::{Engine, EngineKind};
+use crate::host::engine::EngineKind;
 use crate::host::process;
-use crate::plan::Plan;
-use crate::run::layout::{Layout, OutputLock};
-use crate::run::pipeline;
-use crate::run::pipeline::BuildReport;
-use crate::run::progress::{Reporter, Status};
+use crate::plan::{Plan, Scope};
 pub use report::ProgressMode;
+use session::Session;
 
 const ABOUT: &str = "kmodforge: build out-of-tree kernel modules into KMM kmod images";
 const LONG_ABOUT: &str = "\
@@ -144,9 +140,14 @@ struct BuildArgs {
     #[arg(long)]
     no_wait: bool,
 
-    /// First install the host packages kmodforge and its tests need (apt-get).
+    /// First install the host packages kmodforge and its tests need (apt-get, npm).
     #[arg(long)]
     install_deps: bool,
+
+    /// Give a kernel a staging tree (and an image) only when every one of its modules
+    /// built, as a CI gate would; by default every kernel ships what built.
+    #[arg(long)]
+    all_or_nothing: bool,
 }
 
 /// `--kernel <kver>` or `--all`, for the commands that work per kernel.
@@ -173,12 +174,27 @@ impl KernelChoice {
     }
 }
 
-/// The workspace root: where kernels.toml lives unless --config says otherwise.
-fn project_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask/ is inside the workspace")
-        .to_path_buf()
+/// The workspace root, found at run time: `cargo xtask` runs the binary with the
+/// workspace's `CARGO_MANIFEST_DIR` (xtask/), even when the binary was built in another
+/// checkout that shares the target directory; run directly, the current directory's
+/// workspace (the nearest folder with a kernels.toml).
+fn project_root() -> Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("CARGO_MANIFEST_DIR") {
+        let dir = PathBuf::from(dir);
+        if let Some(root) = dir.parent().filter(|r| r.join("kernels.toml").is_file()) {
+            return Ok(root.to_path_buf());
+        }
+    }
+    let cwd = std::env::current_dir()?;
+    cwd.ancestors()
+        .find(|d| d.join("kernels.toml").is_file())
+        .map(Path::to_path_buf)
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "no kernels.toml in {} or a folder above it\n  help: run kmodforge in its workspace, or give --config FILE",
+                cwd.display()
+            )
+        })
 }
 
 pub fn main() -> ExitCode {
@@ -210,10 +226,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             ExitCode::FAILURE
         });
     }
-    let config_path = cli
-        .config
-        .clone()
-        .unwrap_or_else(|| project_root().join("kernels.toml"));
+    let config_path = match &cli.config {
+        Some(path) => path.clone(),
+        None => project_root()?.join("kernels.toml"),
+    };
     let config = Config::load(&config_path)?;
     match &cli.command {
         Command::BuildAll(args) => build_command(&cli, config, None, args),
@@ -227,84 +243,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Kmm(args) => handoff::kmm(&cli, config, args),
         Command::Bench(args) => bench::run(&cli, config, args),
         Command::Plan => {
-            print_plan(&Plan::new(&config, None)?);
+            print_plan(&Plan::new(&config, None, Scope::build())?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Deps { .. } => unreachable!("handled above"),
-    }
-}
-
-/// What every command that builds needs: the config, the engine, the locked output
-/// directory and a reporter.
-struct Session {
-    config: Config,
-    engine: Arc<Engine>,
-    layout: Layout,
-    reporter: Box<dyn Reporter>,
-    _lock: OutputLock,
-}
-
-impl Drop for Session {
-    /// After Ctrl-C, the handler thread starts removing this run's containers; the main
-    /// thread must not exit before they are gone, so it removes them too (again).
-    fn drop(&mut self) {
-        if process::cancelled() {
-            self.engine.remove_run_containers();
-        }
-    }
-}
-
-impl Session {
-    fn open(cli: &Cli, config: Config, args: &BuildArgs) -> Result<Session> {
-        if args.install_deps {
-            deps::install(true)?;
-        }
-        let out = cli.out.clone().unwrap_or_else(|| config.root.join("out"));
-        let engine = Arc::new(Engine::detect(cli.engine)?);
-        let layout = Layout::new(&out)?;
-        let reporter = report::reporter(cli.progress);
-        let lock = layout.lock(!args.no_wait, |msg| reporter.note(msg))?;
-        on_interrupt(engine.clone());
-        Ok(Session {
-            config,
-            engine,
-            layout,
-            reporter,
-            _lock: lock,
-        })
-    }
-
-    /// Builds the plan and prints the summary, the skips and every failure.
-    fn build(&self, plan: &Plan, args: &BuildArgs) -> Result<BuildReport> {
-        let jobs = args
-            .jobs
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
-        let report = pipeline::build(
-            plan,
-            &self.engine,
-            &self.layout,
-            jobs,
-            self.reporter.as_ref(),
-        )?;
-        if report.jobs.iter().any(|j| j.ran) {
-            print!("{}", summary::table(plan, &report));
-        } else {
-            println!(
-                "nothing to do: all {} jobs are up to date",
-                report.jobs.len()
-            );
-        }
-        for j in &report.jobs {
-            if let Status::Skipped(why) = &j.status {
-                eprintln!("note: {} skipped: {why}", j.label);
-            }
-        }
-        for j in report.failures() {
-            if let Status::Failed(m) = &j.status {
-                eprintln!("\nerror: {} failed: {}", j.label, indent(m));
-            }
-        }
-        Ok(report)
     }
 }
 
@@ -315,46 +257,23 @@ fn build_command(
     args: &BuildArgs,
 ) -> Result<ExitCode> {
     let session = Session::open(cli, config, args)?;
-    let plan = Plan::new(&session.config, kernel)?;
-    let report = session.build(&plan, args)?;
-    if process::cancelled() {
-        eprintln!("\ninterrupted: containers of this run were removed; finished outputs are kept");
-        return Ok(ExitCode::from(130));
-    }
-    let bad = report.not_ok();
-    if bad > 0 {
-        let failed = report.failures().count();
-        eprintln!(
-            "\n{failed} of {} jobs failed ({} not built as a result); outputs of the kernels involved were left as they were",
-            report.jobs.len(),
-            bad - failed
+    let scope = Scope {
+        all_or_nothing: args.all_or_nothing,
+        ..Scope::build()
+    };
+    let plan = Plan::new(&session.config, kernel, scope)?;
+    let report = session.run(&plan, &session.options(args))?;
+    if report.not_ok() == 0 {
+        println!(
+            "staging trees: {}",
+            crate::config::diag::display_path(&session.layout.out)
         );
-        return Ok(ExitCode::FAILURE);
     }
-    println!(
-        "staging trees: {}",
-        crate::config::diag::display_path(&session.layout.out)
-    );
-    Ok(ExitCode::SUCCESS)
+    Ok(session::exit_code(&report))
 }
 
 fn indent(text: &str) -> String {
     text.replace('\n', "\n  ")
-}
-
-/// On Ctrl-C: stop every program, remove this run's containers; a second Ctrl-C exits.
-fn on_interrupt(engine: Arc<Engine>) {
-    static ONCE: AtomicBool = AtomicBool::new(false);
-    let _ = ctrlc::set_handler(move || {
-        if ONCE.swap(true, Ordering::SeqCst) {
-            std::process::exit(130);
-        }
-        eprintln!(
-            "\ninterrupted: stopping jobs and removing containers (Ctrl-C again to quit at once)"
-        );
-        process::cancel_all();
-        engine.remove_run_containers();
-    });
 }
 
 fn print_plan(plan: &Plan) {

@@ -1,9 +1,10 @@
-//! The table printed after a build: one row per kernel, one column per job.
+//! The table printed after a run: one row per kernel, one column per step (a column per
+//! module for the compiles), for the steps the run's view of the plan has.
 
 use std::fmt::Write;
 
-use crate::plan::Plan;
-use crate::run::pipeline::{BuildReport, by_kernel};
+use crate::plan::{JobKind, Plan};
+use crate::run::pipeline::{Report, by_kernel};
 use crate::run::progress::Status;
 
 fn cell(status: &Status, secs: f64) -> String {
@@ -13,12 +14,27 @@ fn cell(status: &Status, secs: f64) -> String {
     }
 }
 
-pub fn table(plan: &Plan, report: &BuildReport) -> String {
-    let mut columns: Vec<String> = vec!["toolchain".into()];
-    for m in &plan.config.modules {
-        columns.push(m.name.clone());
+/// The columns: each step present in the plan, in pipeline order, with the modules
+/// (every module of the config, in its order) where the compiles are.
+fn columns(plan: &Plan) -> Vec<String> {
+    let mut columns: Vec<String> = Vec::new();
+    for job in &plan.jobs {
+        let names: Vec<String> = match &job.kind {
+            JobKind::Compile { .. } => plan.config.modules.iter().map(|m| m.name.clone()).collect(),
+            JobKind::Base { .. } | JobKind::ImageBase => vec![],
+            other => vec![other.step().to_string()],
+        };
+        for n in names {
+            if !columns.contains(&n) {
+                columns.push(n);
+            }
+        }
     }
-    columns.push("depmod".into());
+    columns
+}
+
+pub fn table(plan: &Plan, report: &Report) -> String {
+    let columns = columns(plan);
     let rows = by_kernel(report);
     let mut table: Vec<Vec<String>> = vec![
         std::iter::once("kernel".to_string())

@@ -1,4 +1,5 @@
-//! `cargo xtask verify`: static checks of staging trees and images; builds nothing.
+//! `cargo xtask verify`: the static checks of staging trees and images, as jobs of the
+//! plan's verify view; builds nothing.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -8,11 +9,10 @@ use clap::Args;
 
 use super::Cli;
 use crate::config::Config;
-use crate::config::diag::display_path;
-use crate::formats::oci::OciDir;
-use crate::plan::Plan;
+use crate::host::engine::Engine;
+use crate::plan::{Plan, Scope};
 use crate::run::layout::Layout;
-use crate::steps::verify::{self, Check};
+use crate::run::pipeline::{self, Options};
 
 #[derive(Args)]
 pub(super) struct VerifyArgs {
@@ -30,72 +30,31 @@ pub(super) fn run(cli: &Cli, config: Config, args: &VerifyArgs) -> Result<ExitCo
     }
     let out = cli.out.clone().unwrap_or_else(|| config.root.join("out"));
     let layout = Layout::new(&out)?;
-    let plan = Plan::new(&config, args.kernels.only())?;
+    let plan = Plan::new(&config, args.kernels.only(), Scope::verify())?;
+    let options = Options {
+        image: args.image.clone(),
+        ..Options::default()
+    };
+    // Verify reads files only: no engine is needed.
+    let engine = Engine::detect(cli.engine).unwrap_or_else(|e| Engine::unavailable(&e));
+    let reporter = super::report::reporter(super::ProgressMode::Quiet);
+    let report = pipeline::run(&plan, &engine, &layout, &options, reporter.as_ref())?;
     let mut failed = 0;
-    for kp in &plan.kernels {
-        let kver = kp.kver();
-        let staging = layout.staging_modules(kver);
-        let checks = if staging.is_dir() {
-            verify::tree(
-                &verify::read_dir(&staging)?,
-                kver,
-                &format!("lib/modules/{kver}/"),
-            )
-        } else {
-            vec![missing(
-                "layout",
-                format!("no build output: run `cargo xtask build --kernel {kver}`"),
-            )]
-        };
-        failed += report(
-            &format!(
-                "{kver}: staging tree {}",
-                display_path(&layout.staging(kver))
-            ),
-            &checks,
-        );
-
-        let dir = args
-            .image
-            .clone()
-            .unwrap_or_else(|| layout.out.join("images").join(kver));
-        let checks = match OciDir::open(&dir) {
-            Ok(oci) => verify::image(&oci, &config.image.prefix, kver)?,
-            Err(_) => vec![missing(
-                "image",
-                format!(
-                    "no image at {}: run `cargo xtask image --kernel {kver}`",
-                    display_path(&dir)
-                ),
-            )],
-        };
-        failed += report(&format!("{kver}: image {}", display_path(&dir)), &checks);
+    for j in &report.jobs {
+        for line in &j.details {
+            println!("{line}");
+        }
+        failed += usize::from(j.status.is_failure());
     }
     if failed > 0 {
-        eprintln!("\n{failed} check(s) failed");
+        let checks: usize = report
+            .jobs
+            .iter()
+            .flat_map(|j| &j.details)
+            .filter(|l| l.trim_start().starts_with("FAIL"))
+            .count();
+        eprintln!("\n{checks} check(s) failed");
         return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn missing(name: &'static str, detail: String) -> Check {
-    Check {
-        name,
-        ok: false,
-        detail,
-    }
-}
-
-/// Prints the checks under a heading; returns how many failed.
-fn report(heading: &str, checks: &[Check]) -> usize {
-    println!("{heading}");
-    for c in checks {
-        println!(
-            "  {:<5} {:<13} {}",
-            if c.ok { "ok" } else { "FAIL" },
-            c.name,
-            c.detail
-        );
-    }
-    checks.iter().filter(|c| !c.ok).count()
 }

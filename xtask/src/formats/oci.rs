@@ -264,106 +264,110 @@ pub enum Node {
     Symlink(String),
 }
 
-/// The image's file system: every layer applied in order, whiteouts honoured. Paths
-/// are relative to `/`, without a trailing slash. File contents are kept for the paths
-/// `keep_data` accepts.
-pub fn filesystem(
-    oci: &OciDir,
-    keep_data: impl Fn(&str) -> bool,
-) -> Result<std::collections::BTreeMap<String, Node>> {
-    use std::collections::BTreeMap;
+/// An image's file system: paths relative to `/`, without a trailing slash.
+pub type FileSystem = std::collections::BTreeMap<String, Node>;
+
+/// The image's file system: every layer applied in order, whiteouts honoured. File
+/// contents are kept for the paths `keep_data` accepts.
+pub fn filesystem(oci: &OciDir, keep_data: impl Fn(&str) -> bool) -> Result<FileSystem> {
     let (_, manifest) = oci.manifest()?;
-    let mut fs: BTreeMap<String, Node> = BTreeMap::new();
+    let mut fs = FileSystem::new();
     for l in manifest.layers() {
-        let blob = oci.read_blob(l.digest().as_ref())?;
-        let reader: Box<dyn std::io::Read> = if blob.starts_with(&[0x1f, 0x8b]) {
-            Box::new(flate2::read::GzDecoder::new(blob.as_slice()))
-        } else {
-            Box::new(blob.as_slice())
-        };
-        let mut archive = tar::Archive::new(reader);
-        for entry in archive.entries()? {
-            let mut entry = entry?;
-            let raw = entry.path()?.to_string_lossy().into_owned();
-            let path = raw
-                .trim_start_matches("./")
-                .trim_start_matches('/')
-                .trim_end_matches('/')
-                .to_string();
-            if path.is_empty() || path == "." {
-                continue;
-            }
-            let (dir, name) = path
-                .rsplit_once('/')
-                .map_or(("", path.as_str()), |(d, n)| (d, n));
-            let child_of = |d: &str, p: &str| {
-                if d.is_empty() {
-                    true
-                } else {
-                    p.starts_with(&format!("{d}/"))
-                }
-            };
-            if name == ".wh..wh..opq" {
-                fs.retain(|p, _| !(child_of(dir, p) && p != dir));
-                continue;
-            }
-            if let Some(gone) = name.strip_prefix(".wh.") {
-                let gone = if dir.is_empty() {
-                    gone.to_string()
-                } else {
-                    format!("{dir}/{gone}")
-                };
-                fs.retain(|p, _| p != &gone && !p.starts_with(&format!("{gone}/")));
-                continue;
-            }
-            let header = entry.header().clone();
-            let node = match header.entry_type() {
-                tar::EntryType::Directory => Node::Dir,
-                tar::EntryType::Symlink => Node::Symlink(
-                    entry
-                        .link_name()?
-                        .map(|l| l.to_string_lossy().into_owned())
-                        .unwrap_or_default(),
-                ),
-                tar::EntryType::Link => {
-                    let target = entry
-                        .link_name()?
-                        .map(|l| l.to_string_lossy().trim_start_matches("./").to_string())
-                        .unwrap_or_default();
-                    fs.get(&target).cloned().unwrap_or(Node::File {
-                        mode: 0o644,
-                        data: None,
-                    })
-                }
-                _ => {
-                    let data = if keep_data(&path) {
-                        let mut d = Vec::new();
-                        std::io::Read::read_to_end(&mut entry, &mut d)?;
-                        Some(d)
-                    } else {
-                        None
-                    };
-                    Node::File {
-                        mode: header.mode()?,
-                        data,
-                    }
-                }
-            };
-            if node != Node::Dir {
-                fs.retain(|p, _| !p.starts_with(&format!("{path}/")));
-            }
-            fs.insert(path, node);
-        }
+        apply_layer(&mut fs, &oci.read_blob(l.digest().as_ref())?, &keep_data)?;
     }
     Ok(fs)
 }
 
+/// The file system of one layer (gzip-compressed or plain tar) on its own.
+pub fn layer_filesystem(blob: &[u8], keep_data: impl Fn(&str) -> bool) -> Result<FileSystem> {
+    let mut fs = FileSystem::new();
+    apply_layer(&mut fs, blob, &keep_data)?;
+    Ok(fs)
+}
+
+fn apply_layer(fs: &mut FileSystem, blob: &[u8], keep_data: &dyn Fn(&str) -> bool) -> Result<()> {
+    let reader: Box<dyn std::io::Read> = if blob.starts_with(&[0x1f, 0x8b]) {
+        Box::new(flate2::read::GzDecoder::new(blob))
+    } else {
+        Box::new(blob)
+    };
+    let mut archive = tar::Archive::new(reader);
+    for entry in archive.entries()? {
+        let mut entry = entry?;
+        let raw = entry.path()?.to_string_lossy().into_owned();
+        let path = raw
+            .trim_start_matches("./")
+            .trim_start_matches('/')
+            .trim_end_matches('/')
+            .to_string();
+        if path.is_empty() || path == "." || whiteout(fs, &path) {
+            continue;
+        }
+        let header = entry.header().clone();
+        let node = match header.entry_type() {
+            tar::EntryType::Directory => Node::Dir,
+            tar::EntryType::Symlink => Node::Symlink(
+                entry
+                    .link_name()?
+                    .map(|l| l.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+            ),
+            tar::EntryType::Link => {
+                let target = entry
+                    .link_name()?
+                    .map(|l| l.to_string_lossy().trim_start_matches("./").to_string())
+                    .unwrap_or_default();
+                fs.get(&target).cloned().unwrap_or(Node::File {
+                    mode: 0o644,
+                    data: None,
+                })
+            }
+            _ => {
+                let data = if keep_data(&path) {
+                    let mut d = Vec::new();
+                    std::io::Read::read_to_end(&mut entry, &mut d)?;
+                    Some(d)
+                } else {
+                    None
+                };
+                Node::File {
+                    mode: header.mode()?,
+                    data,
+                }
+            }
+        };
+        if node != Node::Dir {
+            fs.retain(|p, _| !p.starts_with(&format!("{path}/")));
+        }
+        fs.insert(path, node);
+    }
+    Ok(())
+}
+
+/// Applies `path` when it is a whiteout (`.wh.<name>` removes a name, `.wh..wh..opq`
+/// empties its directory); says whether it was one.
+fn whiteout(fs: &mut FileSystem, path: &str) -> bool {
+    let (dir, name) = path.rsplit_once('/').unwrap_or(("", path));
+    let child_of = |d: &str, p: &str| d.is_empty() || p.starts_with(&format!("{d}/"));
+    if name == ".wh..wh..opq" {
+        fs.retain(|p, _| !(child_of(dir, p) && p != dir));
+        return true;
+    }
+    let Some(gone) = name.strip_prefix(".wh.") else {
+        return false;
+    };
+    let gone = if dir.is_empty() {
+        gone.to_string()
+    } else {
+        format!("{dir}/{gone}")
+    };
+    fs.retain(|p, _| p != &gone && !p.starts_with(&format!("{gone}/")));
+    true
+}
+
 /// Follows symbolic links (absolute or relative, in any component) to the node a path
 /// names in `fs`, as the kernel would inside the image.
-pub fn resolve<'a>(
-    fs: &'a std::collections::BTreeMap<String, Node>,
-    path: &str,
-) -> Option<(String, &'a Node)> {
+pub fn resolve<'a>(fs: &'a FileSystem, path: &str) -> Option<(String, &'a Node)> {
     let mut parts: Vec<String> = Vec::new();
     let mut todo: Vec<String> = path
         .split('/')

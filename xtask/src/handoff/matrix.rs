@@ -3,9 +3,9 @@
 //! Each entry names its kernels (space-separated, so a workflow step loops the same way
 //! whether an entry holds one kernel or a shard of many), the image tag KMM will look
 //! for, and the toolchain. Past GitHub's limit of 256 jobs per matrix, kernels are
-//! grouped into shards. `--changed-since REV` keeps the kernels whose inputs (toolchain
-//! recipe and arguments, module sources, kernels.toml entry) differ from REV's, by the
-//! same fingerprints that make builds incremental.
+//! grouped into shards. `--changed-since REV` keeps the kernels with a job whose inputs
+//! (toolchain recipe and arguments, module sources, image settings, ...) differ from
+//! REV's: [`crate::plan::inputs`], the same answer the incremental build uses.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -16,11 +16,8 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::host::process::Cmd;
-use crate::plan::{KernelPlan, Plan};
-use crate::run::fingerprint::Fingerprint;
-use crate::steps::compile;
+use crate::plan::{Plan, Scope, inputs};
 use crate::steps::image;
-use crate::steps::toolchain;
 
 /// GitHub Actions runs at most 256 jobs from one matrix.
 pub const GITHUB_MAX_JOBS: usize = 256;
@@ -42,40 +39,31 @@ pub struct Matrix {
     pub include: Vec<Entry>,
 }
 
-/// The identity of everything a kernel's job builds from.
-pub fn kernel_inputs(kp: &KernelPlan) -> Result<String> {
-    let tc = toolchain::fingerprint(kp.toolchain, kp.kver())?;
-    let mut f = Fingerprint::new("kernel-inputs-v1");
-    f.field("toolchain", &tc);
-    let mut compiled: BTreeMap<&str, String> = BTreeMap::new();
-    for m in &kp.modules {
-        let deps: Vec<(&str, &str)> = m
-            .depends
-            .iter()
-            .map(|d| (d.as_str(), compiled[d.as_str()].as_str()))
-            .collect();
-        let fp = compile::fingerprint(m, kp.kver(), &tc, &deps)?;
-        f.field(&m.name, &fp);
-        compiled.insert(&m.name, fp);
-    }
-    Ok(f.finish())
-}
-
-/// Builds the matrix of `plan`'s kernels, filtered and sharded.
+/// Builds the matrix of `plan`'s kernels, filtered and sharded. With `before` (the
+/// fingerprints of the plan at a revision, by job label), only the kernels with a job
+/// whose inputs changed since.
 pub fn matrix(
     plan: &Plan,
     kernel_regex: Option<&Regex>,
-    changed: Option<&BTreeMap<String, String>>,
+    before: Option<&BTreeMap<String, String>>,
     max_jobs: usize,
 ) -> Result<Matrix> {
+    let selected: Option<Vec<usize>> = match before {
+        Some(before) => {
+            let now = inputs::fingerprints(plan)?;
+            let changed = inputs::changed(plan, &now, |i| {
+                before.get(&plan.label(&plan.jobs[i]).to_string()).cloned()
+            });
+            Some(inputs::changed_kernels(plan, &changed))
+        }
+        None => None,
+    };
     let mut rows = Vec::new();
-    for kp in &plan.kernels {
+    for (k, kp) in plan.kernels.iter().enumerate() {
         if kernel_regex.is_some_and(|re| !re.is_match(kp.kver())) {
             continue;
         }
-        if let Some(before) = changed
-            && before.get(kp.kver()) == Some(&kernel_inputs(kp)?)
-        {
+        if selected.as_ref().is_some_and(|s| !s.contains(&k)) {
             continue;
         }
         let reference = image::reference(plan.config, kp.kver())?;
@@ -109,8 +97,9 @@ pub fn matrix(
     Ok(Matrix { include })
 }
 
-/// The inputs of every kernel at git revision `rev` of the repository holding the
-/// config: its kernels.toml, modules/ and images/ checked out into a scratch folder.
+/// The fingerprints of every job (by label) of the whole pipeline at git revision `rev`
+/// of the repository holding the config: its kernels.toml, modules/ and images/
+/// checked out into a scratch folder.
 pub fn inputs_at(config: &Config, rev: &str) -> Result<BTreeMap<String, String>> {
     let root = &config.root;
     let top = Cmd::new("git")
@@ -134,12 +123,11 @@ pub fn inputs_at(config: &Config, rev: &str) -> Result<BTreeMap<String, String>>
         // A revision without (valid) kernels.toml changed everything.
         Err(_) => return Ok(BTreeMap::new()),
     };
-    let old_plan = Plan::new(&old_config, None)?;
-    old_plan
-        .kernels
-        .iter()
-        .map(|kp| Ok((kp.kver().to_string(), kernel_inputs(kp)?)))
-        .collect()
+    let old_plan = Plan::new(&old_config, None, Scope::everything())?;
+    Ok(inputs::by_label(
+        &old_plan,
+        &inputs::fingerprints(&old_plan)?,
+    ))
 }
 
 #[cfg(test)]
@@ -160,7 +148,7 @@ mod tests {
     #[test]
     fn one_entry_per_kernel_with_normalized_tags() {
         let (_d, c) = config(2);
-        let plan = Plan::new(&c, None).unwrap();
+        let plan = Plan::new(&c, None, Scope::everything()).unwrap();
         let m = matrix(&plan, None, None, GITHUB_MAX_JOBS).unwrap();
         assert_eq!(m.include.len(), 2);
         assert_eq!(m.include[0].name, "6.12.0+deb12-amd64");
@@ -177,7 +165,7 @@ mod tests {
     #[test]
     fn past_the_job_limit_kernels_are_sharded() {
         let (_d, c) = config(600);
-        let plan = Plan::new(&c, None).unwrap();
+        let plan = Plan::new(&c, None, Scope::everything()).unwrap();
         let m = matrix(&plan, None, None, GITHUB_MAX_JOBS).unwrap();
         assert!(m.include.len() <= GITHUB_MAX_JOBS);
         assert_eq!(m.include.len(), 200);
@@ -190,7 +178,7 @@ mod tests {
     #[test]
     fn filters_by_regex_and_by_changed_inputs() {
         let (_d, c) = config(3);
-        let plan = Plan::new(&c, None).unwrap();
+        let plan = Plan::new(&c, None, Scope::everything()).unwrap();
         let re = Regex::new(r"^6\.12\.[12]\+").unwrap();
         let m = matrix(&plan, Some(&re), None, GITHUB_MAX_JOBS).unwrap();
         assert_eq!(
@@ -200,13 +188,9 @@ mod tests {
                 .collect::<Vec<_>>(),
             ["6.12.1+deb12-amd64", "6.12.2+deb12-amd64"]
         );
-        let mut before: BTreeMap<String, String> = plan
-            .kernels
-            .iter()
-            .map(|kp| (kp.kver().to_string(), kernel_inputs(kp).unwrap()))
-            .collect();
-        before.insert("6.12.1+deb12-amd64".into(), "something else".into());
-        before.remove("6.12.2+deb12-amd64");
+        let mut before = inputs::by_label(&plan, &inputs::fingerprints(&plan).unwrap());
+        before.insert("m @ 6.12.1+deb12-amd64".into(), "something else".into());
+        before.retain(|label, _| !label.ends_with("@ 6.12.2+deb12-amd64"));
         let m = matrix(&plan, None, Some(&before), GITHUB_MAX_JOBS).unwrap();
         assert_eq!(
             m.include

@@ -12,7 +12,7 @@ use std::sync::OnceLock;
 
 use anyhow::{Context, Result, bail};
 
-use crate::host::process::{Cmd, which};
+use crate::host::process::{Cmd, process_error, which};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum EngineKind {
@@ -122,6 +122,21 @@ impl Engine {
         })
     }
 
+    /// An engine that is not there: every use fails with `why` (for commands such as
+    /// `verify` that may run without one).
+    pub fn unavailable(why: &anyhow::Error) -> Engine {
+        let checked = OnceLock::new();
+        let _ = checked.set(Err(format!("{why:#}")));
+        Engine {
+            kind: EngineKind::Podman,
+            program: "podman".into(),
+            host_flags: Vec::new(),
+            user: None,
+            run_id: String::new(),
+            checked,
+        }
+    }
+
     pub fn cmd(&self) -> Cmd {
         Cmd::new(&self.program)
     }
@@ -130,7 +145,11 @@ impl Engine {
     /// storage works), once per process; asked only when a job needs the engine.
     pub fn check(&self) -> Result<()> {
         let result = self.checked.get_or_init(|| {
-            self.cmd().arg("info").read().map(drop).map_err(|e| {
+            let checked = self.cmd().arg("info").read().map(drop);
+            if checked.is_ok() {
+                self.reap_orphans();
+            }
+            checked.map_err(|e| {
                 let hint = match self.kind {
                     EngineKind::Docker => "start the Docker daemon (`sudo systemctl start docker`, or `sudo dockerd &` where there is no systemd), or use --engine podman",
                     EngineKind::Podman => "run `podman info` to see what is wrong, or use --engine docker",
@@ -149,17 +168,15 @@ impl Engine {
             .args(["image", "inspect", "--format", "{{.Id}}", image]);
         match cmd.read() {
             Ok(id) => Ok(Some(id.trim().to_string())),
-            Err(e) => {
-                let msg = format!("{e:#}").to_lowercase();
-                if msg.contains("no such image")
-                    || msg.contains("image not known")
-                    || msg.contains("no such object")
-                {
-                    Ok(None)
-                } else {
-                    Err(e)
-                }
+            // podman: "image not known" (exit 125); docker: "No such image" (exit 1).
+            Err(e)
+                if process_error(&e).is_some_and(|p| {
+                    p.exited_saying("image not known") || p.exited_saying("no such image")
+                }) =>
+            {
+                Ok(None)
             }
+            Err(e) => Err(e),
         }
     }
 
@@ -199,6 +216,10 @@ impl Engine {
             .args(&self.host_flags);
         cmd = cmd.arg(format!("--label=kmodforge.run={}", self.run_id));
         cmd = cmd.arg(format!("--label=kmodforge.pid={}", std::process::id()));
+        cmd = cmd.arg(format!(
+            "--label=kmodforge.started={}",
+            process_start(std::process::id()).unwrap_or_default()
+        ));
         if !run.network {
             cmd = cmd.arg("--network=none");
         }
@@ -220,6 +241,44 @@ impl Engine {
         cmd.arg(run.image).args(&run.command)
     }
 
+    /// Removes the containers of kmodforge runs whose process is gone (killed outright,
+    /// say): each container is labelled with its run's pid and that process's start
+    /// time, so a reused pid is not mistaken for the run.
+    pub fn reap_orphans(&self) {
+        let format =
+            "{{.ID}} {{index .Labels \"kmodforge.pid\"}} {{index .Labels \"kmodforge.started\"}}";
+        let Ok(listed) = self
+            .cmd()
+            .args([
+                "ps",
+                "-a",
+                "--filter",
+                "label=kmodforge.pid",
+                "--format",
+                format,
+            ])
+            .read()
+        else {
+            return;
+        };
+        let orphans: Vec<&str> = listed
+            .lines()
+            .filter_map(|l| {
+                let mut w = l.split_whitespace();
+                let (id, pid, started) = (w.next()?, w.next()?, w.next().unwrap_or(""));
+                let alive = pid
+                    .parse()
+                    .ok()
+                    .and_then(process_start)
+                    .is_some_and(|s| s == started);
+                (!alive).then_some(id)
+            })
+            .collect();
+        if !orphans.is_empty() {
+            let _ = self.cmd().args(["rm", "-f"]).args(orphans).read();
+        }
+    }
+
     /// Removes every container this run started (used on Ctrl-C).
     pub fn remove_run_containers(&self) {
         let filter = format!("label=kmodforge.run={}", self.run_id);
@@ -237,43 +296,6 @@ impl Engine {
                     .read();
             }
         }
-    }
-
-    /// `skopeo copy` from `from` (any skopeo transport) into this engine's local storage.
-    pub fn skopeo_into_storage(&self, from: &str, reference: &str) -> Cmd {
-        self.skopeo_copy(
-            "--dest-daemon-host",
-            from.to_string(),
-            self.storage_ref(reference),
-        )
-    }
-
-    /// `skopeo copy` out of this engine's local storage to `to`.
-    pub fn skopeo_from_storage(&self, reference: &str, to: &str) -> Cmd {
-        self.skopeo_copy(
-            "--src-daemon-host",
-            self.storage_ref(reference),
-            to.to_string(),
-        )
-    }
-
-    fn storage_ref(&self, reference: &str) -> String {
-        match self.kind {
-            EngineKind::Podman => format!("containers-storage:{reference}"),
-            EngineKind::Docker => format!("docker-daemon:{reference}"),
-        }
-    }
-
-    /// skopeo does not read DOCKER_HOST: a daemon elsewhere than the default socket is
-    /// named with `daemon_flag`.
-    fn skopeo_copy(&self, daemon_flag: &str, from: String, to: String) -> Cmd {
-        let mut cmd = Cmd::new("skopeo").args(["copy", "--quiet"]);
-        if self.kind == EngineKind::Docker
-            && let Ok(host) = std::env::var("DOCKER_HOST")
-        {
-            cmd = cmd.arg(format!("{daemon_flag}={host}"));
-        }
-        cmd.arg(from).arg(to)
     }
 
     /// `import - <image>` reading a root file system tarball from the previous command.
@@ -308,6 +330,15 @@ fn install_hint(kind: EngineKind) -> &'static str {
             "install docker (`sudo apt-get install -y docker.io`) and start its daemon, or use --engine podman"
         }
     }
+}
+
+/// When process `pid` started (clock ticks after boot, from /proc), to tell it from
+/// a later process with the same pid.
+pub fn process_start(pid: u32) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces; fields after its ')' are plain.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19).map(str::to_string)
 }
 
 /// This process's soft and hard limit from /proc/self/limits ("unlimited" gives none).
@@ -383,9 +414,10 @@ mod tests {
         assert_eq!(
             cmd.shown(),
             format!(
-                "podman run --rm --pull=never --ulimit=nofile=1024:4096 --label=kmodforge.run=r1 --label=kmodforge.pid={} \
+                "podman run --rm --pull=never --ulimit=nofile=1024:4096 --label=kmodforge.run=r1 --label=kmodforge.pid={} --label=kmodforge.started={} \
                  --network=none -v /src/m:/in:ro,z -e 'A=b c' --workdir=/w img make",
-                std::process::id()
+                std::process::id(),
+                process_start(std::process::id()).unwrap()
             )
         );
     }

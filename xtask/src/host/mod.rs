@@ -5,3 +5,4 @@ pub mod deps;
 pub mod engine;
 pub mod fs;
 pub mod process;
+pub mod skopeo;

@@ -1,19 +1,24 @@
 //! The one way kmodforge runs an external program.
 //!
 //! A [`Cmd`] knows how to show itself as a shell line. [`Cmd::run_logged`] streams the
-//! program's output into a job's log file; when the program fails, the error names the
-//! command, its exit status, the log's path and the log's last lines. Every running
-//! program is registered so that Ctrl-C (see [`cancel_all`]) can stop it.
+//! program's output into a job's log file; [`Cmd::read`] captures it. A failure is a
+//! [`ProcessError`]: the command, what happened (not found, an exit status, a timeout,
+//! a cancel) and the output's tail, kept as data so callers decide from the status and
+//! the stderr, never from a formatted message. Every running program is registered so
+//! that Ctrl-C or SIGTERM ([`cancel_all`]) stops it, and every program dies with
+//! kmodforge (a parent-death signal), even when kmodforge is killed outright.
 
 use std::ffi::OsString;
+use std::fmt;
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 
 use crate::config::diag::display_path;
 
@@ -23,16 +28,99 @@ pub const TAIL_LINES: usize = 20;
 static RUNNING: Mutex<Vec<Arc<duct::Handle>>> = Mutex::new(Vec::new());
 static CANCELLED: AtomicBool = AtomicBool::new(false);
 
-/// Stops every registered program and refuses to start new ones.
+/// Stops every registered program and refuses to start new ones. The registry's lock
+/// is held while the flag is set, and [`Cmd`] holds it from its check of the flag to
+/// the new program's registration: no program can start unseen by a cancel.
 pub fn cancel_all() {
+    let running = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
     CANCELLED.store(true, Ordering::SeqCst);
-    for h in RUNNING.lock().unwrap().iter() {
+    for h in running.iter() {
         let _ = h.kill();
     }
 }
 
 pub fn cancelled() -> bool {
     CANCELLED.load(Ordering::SeqCst)
+}
+
+/// What went wrong with a program.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// The program is not on PATH.
+    NotFound,
+    /// It could not be started for another reason.
+    Spawn(String),
+    /// It ran and exited unsuccessfully.
+    Exit(ExitStatus),
+    /// It ran longer than allowed and was killed.
+    TimedOut(Duration),
+    /// The run was cancelled (Ctrl-C, SIGTERM) and the program stopped or not started.
+    Cancelled,
+}
+
+/// A program that did not succeed, as data.
+#[derive(Debug, Clone)]
+pub struct ProcessError {
+    /// The command as a shell line.
+    pub command: String,
+    pub program: String,
+    pub failure: Failure,
+    /// Its standard error, when it was captured ([`Cmd::read`]).
+    pub stderr: String,
+    /// The job log its output went to ([`Cmd::run_logged`]).
+    pub log: Option<PathBuf>,
+    /// The last lines of the log or of stderr.
+    pub tail: Vec<String>,
+}
+
+impl ProcessError {
+    /// The exit code, when the program ran and exited with one.
+    pub fn code(&self) -> Option<i32> {
+        match &self.failure {
+            Failure::Exit(s) => s.code(),
+            _ => None,
+        }
+    }
+
+    /// Whether the program exited unsuccessfully and its stderr holds `needle`
+    /// (ignoring case).
+    pub fn exited_saying(&self, needle: &str) -> bool {
+        matches!(self.failure, Failure::Exit(_))
+            && self.stderr.to_lowercase().contains(&needle.to_lowercase())
+    }
+}
+
+impl fmt::Display for ProcessError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.failure {
+            Failure::NotFound => {
+                return write!(f, "cannot run {}: not found on PATH", self.program);
+            }
+            Failure::Spawn(e) => return write!(f, "cannot run {}: {e}", self.program),
+            Failure::Exit(s) => write!(f, "`{}` failed with {s}", self.command)?,
+            Failure::TimedOut(d) => {
+                write!(f, "`{}` timed out after {}s", self.command, d.as_secs())?
+            }
+            Failure::Cancelled => write!(f, "`{}` was cancelled", self.command)?,
+        }
+        if let Some(log) = &self.log {
+            write!(f, "\n  log: {}", display_path(log))?;
+            if !self.tail.is_empty() {
+                write!(f, "\n  last lines of the log:")?;
+            }
+        }
+        for line in &self.tail {
+            write!(f, "\n  | {line}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ProcessError {}
+
+/// The [`ProcessError`] behind an error, if a program's failure caused it.
+pub fn process_error(e: &anyhow::Error) -> Option<&ProcessError> {
+    e.chain().find_map(|c| c.downcast_ref::<ProcessError>())
 }
 
 /// A command line, runnable and printable.
@@ -45,6 +133,8 @@ pub struct Cmd {
     pipe_into: Option<Box<Cmd>>,
     /// Runs even after [`cancel_all`]: for the clean-up that cancelling needs.
     cleanup: bool,
+    /// File descriptors passed to the program as 3, 4, ... (a jobserver's pipe).
+    pass_fds: Vec<i32>,
 }
 
 impl Cmd {
@@ -56,6 +146,7 @@ impl Cmd {
             dir: None,
             pipe_into: None,
             cleanup: false,
+            pass_fds: Vec::new(),
         }
     }
 
@@ -85,6 +176,12 @@ impl Cmd {
         self
     }
 
+    /// Gives the program these open file descriptors as its fds 3, 4, ...
+    pub fn pass_fds(mut self, fds: &[i32]) -> Cmd {
+        self.pass_fds = fds.to_vec();
+        self
+    }
+
     /// `self | next`: the pipeline fails when either side fails.
     pub fn pipe(mut self, next: Cmd) -> Cmd {
         self.pipe_into = Some(Box::new(next));
@@ -99,6 +196,15 @@ impl Cmd {
         if let Some(d) = &self.dir {
             e = e.dir(d);
         }
+        let fds = self.pass_fds.clone();
+        e = e.before_spawn(move |cmd| {
+            let fds = fds.clone();
+            // SAFETY: only async-signal-safe calls (prctl, dup2, fcntl) between fork and exec.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(cmd, move || child_setup(&fds));
+            }
+            Ok(())
+        });
         match &self.pipe_into {
             Some(next) => e.pipe(next.expression()),
             None => e,
@@ -121,19 +227,44 @@ impl Cmd {
         }
     }
 
-    fn start(&self, expr: duct::Expression) -> Result<Arc<duct::Handle>> {
-        if cancelled() && !self.cleanup {
-            bail!("cancelled");
+    fn error(&self, failure: Failure) -> ProcessError {
+        ProcessError {
+            command: self.shown(),
+            program: self.program.to_string_lossy().into_owned(),
+            failure,
+            stderr: String::new(),
+            log: None,
+            tail: Vec::new(),
         }
-        let handle = expr.start().map_err(|e| spawn_error(&self.program, e))?;
+    }
+
+    fn start(&self, expr: duct::Expression) -> Result<Arc<duct::Handle>, Box<ProcessError>> {
+        let mut running = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
+        if cancelled() && !self.cleanup {
+            return Err(Box::new(self.error(Failure::Cancelled)));
+        }
+        let handle = expr.start().map_err(|e| {
+            Box::new(self.error(if e.kind() == std::io::ErrorKind::NotFound {
+                Failure::NotFound
+            } else {
+                Failure::Spawn(e.to_string())
+            }))
+        })?;
         let handle = Arc::new(handle);
-        RUNNING.lock().unwrap().push(handle.clone());
+        running.push(handle.clone());
         Ok(handle)
     }
 
-    fn finish(handle: &Arc<duct::Handle>) -> std::io::Result<std::process::ExitStatus> {
+    fn forget(handle: &Arc<duct::Handle>) {
+        RUNNING
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|h| !Arc::ptr_eq(h, handle));
+    }
+
+    fn finish(handle: &Arc<duct::Handle>) -> std::io::Result<ExitStatus> {
         let result = handle.wait().map(|o| o.status);
-        RUNNING.lock().unwrap().retain(|h| !Arc::ptr_eq(h, handle));
+        Self::forget(handle);
         result
     }
 
@@ -141,69 +272,68 @@ impl Cmd {
     /// line). With a `timeout`, the command is killed when it runs longer.
     pub fn run_logged(&self, log: &Path, timeout: Option<Duration>) -> Result<()> {
         if let Some(dir) = log.parent() {
-            fs::create_dir_all(dir)?;
+            fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", display_path(dir)))?;
         }
         let mut file = File::options()
             .create(true)
             .append(true)
             .open(log)
             .with_context(|| format!("cannot open log {}", display_path(log)))?;
-        writeln!(file, "$ {}", self.shown())?;
+        writeln!(file, "$ {}", self.shown())
+            .with_context(|| format!("cannot write log {}", display_path(log)))?;
         let expr = self
             .expression()
             .stdin_null()
             .stderr_to_stdout()
             .stdout_file(file.try_clone()?)
             .unchecked();
-        let handle = self.start(expr)?;
-        let status = match timeout {
-            None => Self::finish(&handle)?,
-            Some(limit) => {
-                let started = Instant::now();
-                loop {
-                    if handle.try_wait()?.is_some() {
-                        break Self::finish(&handle)?;
-                    }
-                    if started.elapsed() > limit {
-                        let _ = handle.kill();
-                        Self::finish(&handle).ok();
-                        writeln!(
-                            file,
-                            "kmodforge: killed after {}s (timeout)",
-                            limit.as_secs()
-                        )?;
-                        bail!(self.failure(&format!("timed out after {}s", limit.as_secs()), log));
-                    }
-                    std::thread::sleep(Duration::from_millis(50));
-                }
+        let handle = self.start(expr).map_err(|e| self.logged(*e, log))?;
+        let started = Instant::now();
+        let status = loop {
+            if handle.try_wait()?.is_some() {
+                break Self::finish(&handle)?;
             }
+            if let Some(limit) = timeout.filter(|l| started.elapsed() > *l) {
+                let _ = handle.kill();
+                Self::finish(&handle).ok();
+                let _ = writeln!(
+                    file,
+                    "kmodforge: killed after {}s (timeout)",
+                    limit.as_secs()
+                );
+                return Err(self
+                    .logged(self.error(Failure::TimedOut(limit)), log)
+                    .into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
         };
-        if !status.success() {
-            let why = if cancelled() {
-                "was cancelled".to_string()
-            } else {
-                format!("failed with {status}")
-            };
-            writeln!(file, "kmodforge: {why}")?;
-            bail!(self.failure(&why, log));
+        if status.success() {
+            return Ok(());
         }
-        Ok(())
-    }
-
-    fn failure(&self, why: &str, log: &Path) -> String {
-        let mut msg = format!("`{}` {why}\n  log: {}", self.shown(), display_path(log));
-        let tail = tail(log, TAIL_LINES);
-        if !tail.is_empty() {
-            msg.push_str("\n  last lines of the log:");
-            for line in tail {
-                msg.push_str("\n  | ");
-                msg.push_str(&line);
+        let failure = if cancelled() {
+            Failure::Cancelled
+        } else {
+            Failure::Exit(status)
+        };
+        let _ = writeln!(
+            file,
+            "kmodforge: {}",
+            match &failure {
+                Failure::Cancelled => "cancelled".to_string(),
+                _ => format!("failed with {status}"),
             }
-        }
-        msg
+        );
+        Err(self.logged(self.error(failure), log).into())
     }
 
-    /// Runs the command and returns its stdout; on failure the error shows stderr.
+    fn logged(&self, mut e: ProcessError, log: &Path) -> ProcessError {
+        e.log = Some(log.to_path_buf());
+        e.tail = tail(log, TAIL_LINES);
+        e
+    }
+
+    /// Runs the command and returns its stdout; a failure carries its stderr.
     pub fn read(&self) -> Result<String> {
         let expr = self
             .expression()
@@ -211,22 +341,25 @@ impl Cmd {
             .stdout_capture()
             .stderr_capture()
             .unchecked();
-        let handle = self.start(expr)?;
+        let handle = self.start(expr).map_err(|e| *e)?;
         let result = handle.wait().cloned();
-        RUNNING.lock().unwrap().retain(|h| !Arc::ptr_eq(h, &handle));
+        Self::forget(&handle);
         let out = result?;
-        if !out.status.success() {
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            let lines: Vec<&str> = stderr.lines().collect();
-            let shown = lines[lines.len().saturating_sub(TAIL_LINES)..].join("\n  | ");
-            bail!(
-                "`{}` failed with {}\n  | {}",
-                self.shown(),
-                out.status,
-                shown
-            );
+        if out.status.success() {
+            return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
         }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        let mut e = self.error(if cancelled() {
+            Failure::Cancelled
+        } else {
+            Failure::Exit(out.status)
+        });
+        e.stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        let lines: Vec<&str> = e.stderr.lines().collect();
+        e.tail = lines[lines.len().saturating_sub(TAIL_LINES)..]
+            .iter()
+            .map(|l| l.to_string())
+            .collect();
+        Err(e.into())
     }
 
     /// Runs the command for its exit status only, output discarded.
@@ -237,20 +370,31 @@ impl Cmd {
             .stdout_null()
             .stderr_null()
             .unchecked();
-        let handle = self.start(expr)?;
+        let handle = self.start(expr).map_err(|e| *e)?;
         Ok(Self::finish(&handle)?.success())
     }
 }
 
-fn spawn_error(program: &std::ffi::OsStr, e: std::io::Error) -> anyhow::Error {
-    if e.kind() == std::io::ErrorKind::NotFound {
-        anyhow::anyhow!(
-            "cannot run {}: not found on PATH",
-            program.to_string_lossy()
-        )
-    } else {
-        anyhow::anyhow!("cannot run {}: {e}", program.to_string_lossy())
+/// In the child, before exec: die with kmodforge, and put the passed descriptors at
+/// 3, 4, ... (inheritable).
+fn child_setup(fds: &[i32]) -> std::io::Result<()> {
+    // SAFETY: plain system calls on integers.
+    unsafe {
+        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        for (i, fd) in fds.iter().enumerate() {
+            let target = 3 + i as i32;
+            if *fd != target && libc::dup2(*fd, target) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let flags = libc::fcntl(target, libc::F_GETFD);
+            if flags < 0 || libc::fcntl(target, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
     }
+    Ok(())
 }
 
 /// Appends a note to a job's log (creating it), for what kmodforge itself learns.

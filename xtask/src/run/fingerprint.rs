@@ -32,22 +32,36 @@ impl Fingerprint {
     /// contents); symbolic links by their target.
     pub fn tree(&mut self, dir: &Path) -> Result<&mut Self> {
         for rel in walk_files(dir)? {
-            let path = dir.join(&rel);
-            let meta = fs::symlink_metadata(&path)?;
-            let rel = rel.to_string_lossy();
-            if meta.file_type().is_symlink() {
-                self.field("link", &rel);
-                self.field("target", &fs::read_link(&path)?.to_string_lossy());
-                continue;
-            }
-            use std::os::unix::fs::PermissionsExt;
-            let exec = meta.permissions().mode() & 0o111 != 0;
-            self.field("file", &rel);
-            self.field("exec", if exec { "1" } else { "0" });
-            let bytes =
-                fs::read(&path).with_context(|| format!("cannot read {}", display_path(&path)))?;
-            self.0.update((bytes.len() as u64).to_le_bytes());
-            self.0.update(&bytes);
+            self.entry(dir, &rel)?;
+        }
+        Ok(self)
+    }
+
+    fn entry(&mut self, dir: &Path, rel: &Path) -> Result<()> {
+        let path = dir.join(rel);
+        let meta = fs::symlink_metadata(&path)?;
+        let rel = rel.to_string_lossy();
+        if meta.file_type().is_symlink() {
+            self.field("link", &rel);
+            self.field("target", &fs::read_link(&path)?.to_string_lossy());
+            return Ok(());
+        }
+        use std::os::unix::fs::PermissionsExt;
+        let exec = meta.permissions().mode() & 0o111 != 0;
+        self.field("file", &rel);
+        self.field("exec", if exec { "1" } else { "0" });
+        let bytes =
+            fs::read(&path).with_context(|| format!("cannot read {}", display_path(&path)))?;
+        self.0.update((bytes.len() as u64).to_le_bytes());
+        self.0.update(&bytes);
+        Ok(())
+    }
+
+    /// Adds a module folder's files as [`Fingerprint::tree`] does, leaving out what git
+    /// ignores there (editor swap files, the rust-project.json rust-analyzer writes).
+    pub fn module_tree(&mut self, dir: &Path) -> Result<&mut Self> {
+        for rel in walk_module_files(dir)? {
+            self.entry(dir, &rel)?;
         }
         Ok(self)
     }
@@ -66,6 +80,31 @@ impl Fingerprint {
 
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The files of a module folder, as [`walk_files`] lists them, less what git ignores
+/// there: `.gitignore` files in the folder and above it, `.git/info/exclude` and the
+/// user's global excludes, whether or not the folder is in a git repository.
+pub fn walk_module_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    let walk = ignore::WalkBuilder::new(dir)
+        .standard_filters(false)
+        .git_ignore(true)
+        .git_exclude(true)
+        .git_global(true)
+        .parents(true)
+        .require_git(false)
+        .filter_entry(|e| e.file_name() != ".git")
+        .build();
+    for entry in walk {
+        let entry = entry.with_context(|| format!("cannot list {}", display_path(dir)))?;
+        if entry.file_type().is_some_and(|t| !t.is_dir()) {
+            let rel = entry.path().strip_prefix(dir).unwrap_or(entry.path());
+            out.push(rel.to_path_buf());
+        }
+    }
+    out.sort();
+    Ok(out)
 }
 
 /// Relative paths of all files and symlinks under `dir`, sorted; `.git` is passed over.

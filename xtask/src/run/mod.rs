@@ -3,6 +3,7 @@
 //! what is fresh, and [`layout`] says where everything lives in the output directory.
 
 pub mod fingerprint;
+pub mod jobs;
 pub mod layout;
 pub mod pipeline;
 pub mod progress;

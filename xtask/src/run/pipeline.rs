@@ -1,25 +1,55 @@
-//! `build`/`build-all`: executes a [`Plan`].
+//! Executes a [`Plan`], whatever view of the pipeline it is.
 //!
 //! First every job's fingerprint is computed (reading recipes and module sources only)
-//! and compared with the last run's record, so that a run with nothing to do starts no
+//! and compared with the last run's records, so that a run with nothing to do starts no
 //! container and asks nothing of the engine. Jobs that must run go to the scheduler;
-//! a toolchain is only made ready when some job of its kernel needs it.
+//! a toolchain (or a base) is only made ready when some job of its kernel needs it.
 
 use std::collections::BTreeMap;
-use std::sync::OnceLock;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Result;
 
 use crate::host::engine::Engine;
 use crate::host::fs::{read_json, write_json};
-use crate::plan::{JobKind, JobLabel, KernelPlan, Plan};
+use crate::plan::inputs;
+use crate::plan::{JobKind, JobLabel, Plan};
+use crate::run::jobs::Context;
 use crate::run::layout::{Layout, Timings};
 use crate::run::progress::{Reporter, Status};
 use crate::run::schedule::{self, Task};
-use crate::steps::compile::{self, Compile, Record};
-use crate::steps::depmod;
-use crate::steps::toolchain::{self, Facts};
+use crate::steps::image::Provenance;
+
+/// How a run goes, beyond which jobs it has.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// How many jobs run at once.
+    pub jobs: usize,
+    /// Load each image into the engine's local storage.
+    pub load: bool,
+    /// Also write each image as `<dir>/<tag>.tar`.
+    pub oci_archive: Option<PathBuf>,
+    /// Push even when the registry holds the same content.
+    pub force_push: bool,
+    /// How long a boot may take.
+    pub boot_timeout: Duration,
+    /// Test or verify this OCI layout instead of kmodforge's own.
+    pub image: Option<PathBuf>,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            jobs: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            load: true,
+            oci_archive: None,
+            force_push: false,
+            boot_timeout: Duration::from_secs(300),
+            image: None,
+        }
+    }
+}
 
 /// One settled job of a run.
 pub struct JobResult {
@@ -29,13 +59,15 @@ pub struct JobResult {
     pub elapsed: Duration,
     /// The job was run (not settled from its last run's record).
     pub ran: bool,
+    /// What it has to tell (an image's digest, a push, the checks of verify).
+    pub details: Vec<String>,
 }
 
-pub struct BuildReport {
+pub struct Report {
     pub jobs: Vec<JobResult>,
 }
 
-impl BuildReport {
+impl Report {
     pub fn failures(&self) -> impl Iterator<Item = &JobResult> {
         self.jobs
             .iter()
@@ -45,60 +77,36 @@ impl BuildReport {
     pub fn not_ok(&self) -> usize {
         self.jobs.iter().filter(|j| j.status.is_failure()).count()
     }
-}
 
-/// Per-kernel fingerprints, computed before anything runs.
-struct KernelInputs {
-    toolchain: String,
-    compile: Vec<String>,
-    depmod: String,
-}
-
-fn inputs(kp: &KernelPlan) -> Result<KernelInputs> {
-    let toolchain = toolchain::fingerprint(kp.toolchain, kp.kver())?;
-    let mut compile: Vec<String> = Vec::new();
-    for m in &kp.modules {
-        let deps: Vec<(&str, &str)> = m
-            .depends
+    /// The results of kernel `kver`'s jobs, in plan order.
+    pub fn of_kernel<'r>(&'r self, kver: &'r str) -> impl Iterator<Item = &'r JobResult> {
+        self.jobs
             .iter()
-            .map(|d| {
-                (
-                    d.as_str(),
-                    compile[kp.module_index(d).expect("planned")].as_str(),
-                )
-            })
-            .collect();
-        compile.push(compile::fingerprint(m, kp.kver(), &toolchain, &deps)?);
+            .filter(move |j| j.label.kernel.as_deref() == Some(kver))
     }
-    let pairs: Vec<(&str, &str)> = kp
-        .modules
-        .iter()
-        .zip(&compile)
-        .map(|(m, f)| (m.name.as_str(), f.as_str()))
-        .collect();
-    let depmod = depmod::fingerprint(kp.kver(), &toolchain, &pairs);
-    Ok(KernelInputs {
-        toolchain,
-        compile,
-        depmod,
-    })
 }
 
-/// Which jobs must run: every stale compile and depmod job, and the toolchain (and
-/// base) of their kernels. A fresh module another one depends on is not rebuilt: its
-/// artifacts are there.
+/// Which jobs must run: every stale job that keeps a record (compile, depmod, layer),
+/// every job whose work is its point (image, push, load test, verify), and the
+/// toolchain, base and image base those need. A fresh module another one depends on is
+/// not rebuilt: its artifacts are there.
 pub fn jobs_to_run(plan: &Plan, stale: &[bool]) -> Vec<bool> {
     let mut needed = vec![false; plan.jobs.len()];
     for i in (0..plan.jobs.len()).rev() {
         let job = &plan.jobs[i];
-        if matches!(job.kind, JobKind::Compile { .. } | JobKind::Depmod { .. }) {
-            needed[i] = stale[i];
-        }
+        needed[i] |= match job.kind {
+            JobKind::Compile { .. } | JobKind::Depmod { .. } | JobKind::Layer { .. } => stale[i],
+            JobKind::Image { .. }
+            | JobKind::Push { .. }
+            | JobKind::LoadTest { .. }
+            | JobKind::Verify { .. } => true,
+            JobKind::Base { .. } | JobKind::Toolchain { .. } | JobKind::ImageBase => false,
+        };
         if needed[i] {
-            for &d in &job.deps {
+            for &d in job.deps.iter().chain(&job.after) {
                 if matches!(
                     plan.jobs[d].kind,
-                    JobKind::Toolchain { .. } | JobKind::Base { .. }
+                    JobKind::Toolchain { .. } | JobKind::Base { .. } | JobKind::ImageBase
                 ) {
                     needed[d] = true;
                 }
@@ -114,200 +122,120 @@ fn default_estimate(kind: &JobKind) -> f64 {
         JobKind::Base { .. } => 30.0,
         JobKind::Toolchain { .. } => 60.0,
         JobKind::Compile { .. } => 5.0,
-        JobKind::Depmod { .. } => 1.0,
+        JobKind::Depmod { .. } | JobKind::Layer { .. } | JobKind::Verify { .. } => 1.0,
+        JobKind::ImageBase | JobKind::Image { .. } | JobKind::Push { .. } => 3.0,
+        JobKind::LoadTest { .. } => 30.0,
     }
 }
 
-pub fn build(
+/// Whether the job talks to the container engine when it runs.
+fn uses_engine(kind: &JobKind) -> bool {
+    !matches!(kind, JobKind::Layer { .. } | JobKind::Verify { .. })
+}
+
+pub fn run(
     plan: &Plan,
     engine: &Engine,
     layout: &Layout,
-    jobs: usize,
+    options: &Options,
     reporter: &dyn Reporter,
-) -> Result<BuildReport> {
-    let inputs: Vec<KernelInputs> = plan.kernels.iter().map(inputs).collect::<Result<_>>()?;
-    let facts: Vec<OnceLock<Facts>> = plan.kernels.iter().map(|_| OnceLock::new()).collect();
-    let timings: Timings = read_json(&layout.timings()).unwrap_or_default();
+) -> Result<Report> {
+    let fingerprints = inputs::fingerprints(plan)?;
+    let makes_layers = plan
+        .jobs
+        .iter()
+        .any(|j| matches!(j.kind, JobKind::Layer { .. }));
+    let provenance = if makes_layers {
+        Some(Provenance::detect(
+            &plan.config.root,
+            plan.config.image.source.as_deref(),
+        )?)
+    } else {
+        None
+    };
+    let cx = Context::new(plan, engine, layout, options, fingerprints, provenance);
 
     // What is fresh, and so which toolchains and bases are needed at all.
-    let mut fresh: Vec<Option<Status>> = Vec::new();
-    for job in &plan.jobs {
-        fresh.push(match &job.kind {
-            JobKind::Compile { kernel, module } => {
-                let kp = &plan.kernels[*kernel];
-                Record::fresh(
-                    layout,
-                    kp.kver(),
-                    &kp.modules[*module].name,
-                    &inputs[*kernel].compile[*module],
-                )
-                .map(|r| r.skipped.map_or(Status::Fresh, Status::Skipped))
-            }
-            JobKind::Depmod { kernel } => depmod::is_fresh(
-                layout,
-                plan.kernels[*kernel].kver(),
-                &inputs[*kernel].depmod,
-            )
-            .then_some(Status::Fresh),
-            JobKind::Toolchain { .. } | JobKind::Base { .. } => None,
-        });
-    }
+    let fresh: Vec<Option<Status>> = (0..plan.jobs.len()).map(|i| cx.fresh(i)).collect();
     let stale: Vec<bool> = fresh.iter().map(Option::is_none).collect();
     let needed = jobs_to_run(plan, &stale);
+    let timings: Timings = read_json(&layout.timings()).unwrap_or_default();
+    let tasks = tasks(&cx, &fresh, &needed, &timings);
+    if plan
+        .jobs
+        .iter()
+        .zip(&needed)
+        .any(|(j, n)| *n && uses_engine(&j.kind))
+    {
+        engine.check()?;
+    }
+    let results = schedule::run(tasks, options.jobs, reporter);
+    report(&cx, results, needed, timings)
+}
 
+fn tasks<'s>(
+    cx: &'s Context<'s>,
+    fresh: &[Option<Status>],
+    needed: &[bool],
+    timings: &Timings,
+) -> Vec<Task<'s>> {
+    let plan = cx.plan;
     let mut tasks = Vec::new();
     for (i, job) in plan.jobs.iter().enumerate() {
         let label = plan.label(job);
+        let waits = (job.deps.clone(), job.after.clone());
         if !needed[i] {
-            tasks.push(Task::settled(
-                label,
-                job.deps.clone(),
-                fresh[i].clone().unwrap_or(Status::Fresh),
-            ));
+            let status = fresh[i].clone().unwrap_or(Status::Fresh);
+            tasks.push(Task::settled(label, waits, status));
             continue;
         }
-        let key = label.to_string();
         let estimate = timings
             .0
-            .get(&key)
+            .get(&label.to_string())
             .copied()
             .unwrap_or_else(|| default_estimate(&job.kind));
-        let log = layout.log(
-            label.kernel.as_deref().unwrap_or("_base"),
-            &log_name(&job.kind, &label),
-        );
-        let _ = std::fs::remove_file(&log);
-        let (facts, inputs) = (&facts, &inputs);
-        let work: schedule::Work = match job.kind.clone() {
-            JobKind::Base { base } => Box::new(move |_| {
-                match toolchain::ensure_base(
-                    engine,
-                    &base,
-                    plan.config.tls_verify(&base.image),
-                    &log,
-                ) {
-                    Ok(_) => Status::Done,
-                    Err(e) => Status::Failed(format!("{e:#}")),
-                }
-            }),
-            JobKind::Toolchain { kernel } => {
-                let kp = &plan.kernels[kernel];
-                Box::new(move |_| {
-                    match toolchain::ensure(
-                        engine,
-                        layout,
-                        plan.config,
-                        kp.kernel,
-                        &inputs[kernel].toolchain,
-                        &log,
-                    ) {
-                        Ok(f) => {
-                            let _ = facts[kernel].set(f);
-                            Status::Done
-                        }
-                        Err(e) => Status::Failed(format!("{e:#}")),
-                    }
-                })
-            }
-            JobKind::Compile { kernel, module } => {
-                let kp = &plan.kernels[kernel];
-                Box::new(move |deps: &[Status]| {
-                    let m = kp.modules[module];
-                    if let Some(Status::Skipped(_)) =
-                        deps.iter().find(|s| matches!(s, Status::Skipped(_)))
-                    {
-                        return Status::Skipped(format!(
-                            "needs {}, which is skipped",
-                            m.depends.join(", ")
-                        ));
-                    }
-                    let f = facts[kernel].get().expect("the toolchain job ran first");
-                    let compile = Compile {
-                        engine,
-                        layout,
-                        module: m,
-                        kver: kp.kver(),
-                        image: &f.image,
-                        kdir: &f.kernel_source_dir,
-                        kernel_has_rust: f.rust,
-                        deps: m.depends.iter().map(String::as_str).collect(),
-                        fingerprint: &inputs[kernel].compile[module],
-                        log: &log,
-                    };
-                    match compile.run() {
-                        Ok(None) => Status::Done,
-                        Ok(Some(reason)) => Status::Skipped(reason),
-                        Err(e) => Status::Failed(format!("{e:#}")),
-                    }
-                })
-            }
-            JobKind::Depmod { kernel } => {
-                let kp = &plan.kernels[kernel];
-                Box::new(move |_| {
-                    let f = facts[kernel].get().expect("the toolchain job ran first");
-                    let mut built = Vec::new();
-                    for m in &kp.modules {
-                        match read_json::<Record>(&Record::path(layout, kp.kver(), &m.name)) {
-                            Some(r) if r.skipped.is_none() => {
-                                built.push((m.name.clone(), r.modules))
-                            }
-                            Some(_) => {}
-                            None => {
-                                return Status::Failed(format!("no build record for {}", m.name));
-                            }
-                        }
-                    }
-                    match depmod::run(
-                        engine,
-                        layout,
-                        kp.kver(),
-                        &f.image,
-                        &built,
-                        &inputs[kernel].depmod,
-                        &log,
-                    ) {
-                        Ok(()) => Status::Done,
-                        Err(e) => Status::Failed(format!("{e:#}")),
-                    }
-                })
-            }
-        };
-        tasks.push(Task::run(label, job.deps.clone(), estimate, work));
+        let _ = std::fs::remove_file(cx.log(i));
+        tasks.push(Task::run(
+            label,
+            waits,
+            estimate,
+            move |deps: &[Status]| cx.work(i, deps),
+        ));
     }
+    tasks
+}
 
-    if needed.iter().any(|n| *n) {
-        engine.check()?;
-    }
-    let results = schedule::run(tasks, jobs, reporter);
-
-    let mut timings = timings;
-    let mut report = BuildReport { jobs: Vec::new() };
-    for ((job, (status, elapsed)), ran) in plan.jobs.iter().zip(results).zip(needed) {
+fn report(
+    cx: &Context,
+    results: Vec<(Status, Duration)>,
+    needed: Vec<bool>,
+    mut timings: Timings,
+) -> Result<Report> {
+    let plan = cx.plan;
+    let mut details = std::mem::take(&mut *cx.details.lock().unwrap_or_else(|e| e.into_inner()));
+    let mut jobs = Vec::new();
+    for (i, ((job, (status, elapsed)), ran)) in
+        plan.jobs.iter().zip(results).zip(needed).enumerate()
+    {
         let label = plan.label(job);
         if status == Status::Done {
             timings.0.insert(label.to_string(), elapsed.as_secs_f64());
         }
-        report.jobs.push(JobResult {
+        jobs.push(JobResult {
             label,
             kind: job.kind.clone(),
             status,
             elapsed,
             ran,
+            details: details.remove(&i).unwrap_or_default(),
         });
     }
-    write_json(&layout.timings(), &timings)?;
-    Ok(report)
-}
-
-fn log_name(kind: &JobKind, label: &JobLabel) -> String {
-    match kind {
-        JobKind::Base { base } => crate::config::template::normalize_tag(&base.image),
-        _ => label.name.clone(),
-    }
+    write_json(&cx.layout.timings(), &timings)?;
+    Ok(Report { jobs })
 }
 
 /// Groups a report's results by kernel and job name, for the summary table.
-pub fn by_kernel(report: &BuildReport) -> BTreeMap<String, Vec<&JobResult>> {
+pub fn by_kernel(report: &Report) -> BTreeMap<String, Vec<&JobResult>> {
     let mut map: BTreeMap<String, Vec<&JobResult>> = BTreeMap::new();
     for j in &report.jobs {
         if let Some(k) = &j.label.kernel {
@@ -320,6 +248,7 @@ pub fn by_kernel(report: &BuildReport) -> BTreeMap<String, Vec<&JobResult>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::plan::Scope;
 
     #[test]
     fn only_stale_jobs_and_their_toolchains_run() {
@@ -329,14 +258,13 @@ mod tests {
             &[("exp", None), ("user", Some("depends = [\"exp\"]\n"))],
         );
         let config = config.unwrap();
-        let plan = Plan::new(&config, None).unwrap();
-        let labels: Vec<String> = plan
-            .jobs
-            .iter()
-            .map(|j| plan.label(j).to_string())
-            .collect();
-        let index = |l: &str| labels.iter().position(|x| x == l).unwrap();
-        let running = |stale: &[&str]| -> Vec<String> {
+        let running = |scope: Scope, stale: &[&str]| -> Vec<String> {
+            let plan = Plan::new(&config, None, scope).unwrap();
+            let labels: Vec<String> = plan
+                .jobs
+                .iter()
+                .map(|j| plan.label(j).to_string())
+                .collect();
             let stale: Vec<bool> = labels.iter().map(|l| stale.contains(&l.as_str())).collect();
             jobs_to_run(&plan, &stale)
                 .iter()
@@ -346,12 +274,15 @@ mod tests {
                 .collect()
         };
         assert!(
-            running(&[]).is_empty(),
+            running(Scope::build(), &[]).is_empty(),
             "nothing stale, nothing runs (no toolchain either)"
         );
         // The user changed: not its fresh exporter, not the other kernel.
         assert_eq!(
-            running(&["user @ 6.1.0-1-amd64", "depmod @ 6.1.0-1-amd64"]),
+            running(
+                Scope::build(),
+                &["user @ 6.1.0-1-amd64", "depmod @ 6.1.0-1-amd64"]
+            ),
             [
                 "base b",
                 "toolchain @ 6.1.0-1-amd64",
@@ -359,6 +290,25 @@ mod tests {
                 "depmod @ 6.1.0-1-amd64"
             ]
         );
-        assert!(index("exp @ 6.1.0-1-amd64") < index("user @ 6.1.0-1-amd64"));
+        // A load test always runs, with its kernel's toolchain; the fresh layer does not.
+        assert_eq!(
+            running(Scope::test(), &[]),
+            [
+                "base b",
+                "toolchain @ 6.1.0-1-amd64",
+                "test @ 6.1.0-1-amd64",
+                "toolchain @ 6.1.0-2-amd64",
+                "test @ 6.1.0-2-amd64"
+            ]
+        );
+        // Images need the image base, never the toolchains when the trees are fresh.
+        assert_eq!(
+            running(Scope::image(false), &[]),
+            [
+                "image base",
+                "image @ 6.1.0-1-amd64",
+                "image @ 6.1.0-2-amd64"
+            ]
+        );
     }
 }

@@ -2,9 +2,11 @@
 //!
 //! Workers live in `std::thread::scope` and send their results to the calling thread,
 //! which alone talks to the [`Reporter`]. A failed job never stops the scheduler: the
-//! jobs that need it are marked [`Status::DepFailed`], all others still run.
+//! jobs that need it are marked [`Status::DepFailed`], all others still run; a job that
+//! panics is a failed job (its worker still reports, so the run never waits forever).
 
 use std::collections::BTreeSet;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -12,12 +14,15 @@ use crate::host::process;
 use crate::plan::JobLabel;
 use crate::run::progress::{Reporter, Status};
 
+/// A task's work: receives the statuses of its `deps`, then of its `after` tasks.
 pub type Work<'s> = Box<dyn FnOnce(&[Status]) -> Status + Send + 's>;
 
 pub struct Task<'s> {
     pub label: JobLabel,
-    /// Indices of tasks that must settle first; each smaller than this task's index.
+    /// Tasks that must succeed first; each index smaller than this task's.
     pub deps: Vec<usize>,
+    /// Tasks that must settle first, successfully or not.
+    pub after: Vec<usize>,
     /// Expected seconds, for ordering (the longest remaining path starts first).
     pub estimate: f64,
     work: Option<Work<'s>>,
@@ -28,13 +33,14 @@ impl<'s> Task<'s> {
     /// A task to run; `work` receives its dependencies' statuses.
     pub fn run(
         label: JobLabel,
-        deps: Vec<usize>,
+        (deps, after): (Vec<usize>, Vec<usize>),
         estimate: f64,
         work: impl FnOnce(&[Status]) -> Status + Send + 's,
     ) -> Task<'s> {
         Task {
             label,
             deps,
+            after,
             estimate,
             work: Some(Box::new(work)),
             settled: None,
@@ -42,121 +48,176 @@ impl<'s> Task<'s> {
     }
 
     /// A task whose outcome is already known (its outputs are fresh, say).
-    pub fn settled(label: JobLabel, deps: Vec<usize>, status: Status) -> Task<'s> {
+    pub fn settled(
+        label: JobLabel,
+        (deps, after): (Vec<usize>, Vec<usize>),
+        status: Status,
+    ) -> Task<'s> {
         Task {
             label,
             deps,
+            after,
             estimate: 0.0,
             work: None,
             settled: Some(status),
         }
     }
+
+    fn waits_for(&self) -> impl Iterator<Item = &usize> {
+        self.deps.iter().chain(&self.after)
+    }
 }
 
 /// The outcome of each task, in task order, with the time it ran.
-pub fn run(
-    mut tasks: Vec<Task<'_>>,
-    jobs: usize,
-    reporter: &dyn Reporter,
-) -> Vec<(Status, Duration)> {
-    let n = tasks.len();
-    let priority = critical_path(&tasks);
-    let mut results: Vec<Option<(Status, Duration)>> = vec![None; n];
-    let mut started = vec![false; n];
-    let to_run = tasks.iter().filter(|t| t.work.is_some()).count();
-    reporter.start(to_run, n - to_run);
-
+pub fn run(tasks: Vec<Task<'_>>, jobs: usize, reporter: &dyn Reporter) -> Vec<(Status, Duration)> {
+    let mut s = Scheduler::new(tasks, jobs.max(1));
+    let to_run = s.tasks.iter().filter(|t| t.work.is_some()).count();
+    reporter.start(to_run, s.tasks.len() - to_run);
     let (tx, rx) = mpsc::channel::<(usize, Status, Duration)>();
     std::thread::scope(|scope| {
-        let mut running = 0usize;
         loop {
-            // Settle everything that can be settled without running: known outcomes and
-            // tasks whose dependencies failed.
-            let mut progressed = true;
-            while progressed {
-                progressed = false;
-                for i in 0..n {
-                    if started[i] || !tasks[i].deps.iter().all(|d| results[*d].is_some()) {
-                        continue;
-                    }
-                    let failed_dep = tasks[i]
-                        .deps
-                        .iter()
-                        .find(|d| results[**d].as_ref().is_some_and(|r| r.0.is_failure()));
-                    let status = if let Some(d) = failed_dep {
-                        Some(Status::DepFailed(format!(
-                            "needs {}, which did not succeed",
-                            tasks[*d].label
-                        )))
-                    } else if process::cancelled() {
-                        Some(Status::Cancelled)
-                    } else {
-                        tasks[i].settled.take()
-                    };
-                    if let Some(status) = status {
-                        started[i] = true;
-                        if status != Status::Fresh {
-                            reporter.job_finished(&tasks[i].label, &status, Duration::ZERO);
-                        }
-                        results[i] = Some((status, Duration::ZERO));
-                        progressed = true;
-                    }
-                }
-            }
-
-            // Start the most urgent ready tasks while threads are free.
-            let ready: BTreeSet<(u64, std::cmp::Reverse<usize>)> = (0..n)
-                .filter(|&i| !started[i] && tasks[i].deps.iter().all(|d| results[*d].is_some()))
-                .map(|i| ((priority[i] * 1000.0) as u64, std::cmp::Reverse(i)))
-                .collect();
-            for (_, std::cmp::Reverse(i)) in ready.into_iter().rev() {
-                if running >= jobs.max(1) {
-                    break;
-                }
-                let work = tasks[i].work.take().expect("an unsettled task has work");
-                let deps: Vec<Status> = tasks[i]
-                    .deps
-                    .iter()
-                    .map(|d| results[*d].as_ref().unwrap().0.clone())
-                    .collect();
-                started[i] = true;
-                running += 1;
-                reporter.job_started(&tasks[i].label);
+            s.settle_without_running(reporter);
+            for (i, work, deps) in s.start_ready() {
+                reporter.job_started(&s.tasks[i].label);
                 let tx = tx.clone();
                 scope.spawn(move || {
                     let t = Instant::now();
-                    let status = work(&deps);
+                    let status = catch_unwind(AssertUnwindSafe(|| work(&deps)))
+                        .unwrap_or_else(|panic| Status::Failed(panicked(panic.as_ref())));
                     let _ = tx.send((i, status, t.elapsed()));
                 });
             }
-
-            if running == 0 {
+            if s.running == 0 {
                 break;
             }
-            if let Ok((i, status, elapsed)) = rx.recv() {
-                running -= 1;
-                let status = if process::cancelled() && status.is_failure() {
-                    Status::Cancelled
-                } else {
-                    status
-                };
-                reporter.job_finished(&tasks[i].label, &status, elapsed);
-                results[i] = Some((status, elapsed));
-            }
+            let (i, status, elapsed) = rx.recv().expect("a worker always reports");
+            s.finished(i, status, elapsed, reporter);
         }
     });
     reporter.finish();
-    results
+    s.results
         .into_iter()
         .map(|r| r.expect("every task settles"))
         .collect()
+}
+
+fn panicked(payload: &(dyn std::any::Any + Send)) -> String {
+    let what = payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into());
+    format!("kmodforge panicked in this job: {what} (a bug: please report it)")
+}
+
+struct Scheduler<'s> {
+    tasks: Vec<Task<'s>>,
+    priority: Vec<f64>,
+    results: Vec<Option<(Status, Duration)>>,
+    started: Vec<bool>,
+    running: usize,
+    limit: usize,
+}
+
+impl<'s> Scheduler<'s> {
+    fn new(tasks: Vec<Task<'s>>, limit: usize) -> Scheduler<'s> {
+        let n = tasks.len();
+        Scheduler {
+            priority: critical_path(&tasks),
+            tasks,
+            results: vec![None; n],
+            started: vec![false; n],
+            running: 0,
+            limit,
+        }
+    }
+
+    fn ready(&self, i: usize) -> bool {
+        !self.started[i]
+            && self.tasks[i]
+                .waits_for()
+                .all(|d| self.results[*d].is_some())
+    }
+
+    /// Settles everything that can be settled without running: known outcomes, tasks
+    /// whose dependencies failed, and everything once the run is cancelled.
+    fn settle_without_running(&mut self, reporter: &dyn Reporter) {
+        let mut progressed = true;
+        while progressed {
+            progressed = false;
+            for i in 0..self.tasks.len() {
+                if !self.ready(i) {
+                    continue;
+                }
+                let failed_dep = self.tasks[i]
+                    .deps
+                    .iter()
+                    .find(|d| self.results[**d].as_ref().is_some_and(|r| r.0.is_failure()));
+                let status = if let Some(d) = failed_dep {
+                    Some(Status::DepFailed(format!(
+                        "needs {}, which did not succeed",
+                        self.tasks[*d].label
+                    )))
+                } else if process::cancelled() {
+                    Some(Status::Cancelled)
+                } else {
+                    self.tasks[i].settled.take()
+                };
+                if let Some(status) = status {
+                    self.started[i] = true;
+                    if status != Status::Fresh {
+                        reporter.job_finished(&self.tasks[i].label, &status, Duration::ZERO);
+                    }
+                    self.results[i] = Some((status, Duration::ZERO));
+                    progressed = true;
+                }
+            }
+        }
+    }
+
+    /// The most urgent ready tasks, as many as there are free threads, marked started.
+    fn start_ready(&mut self) -> Vec<(usize, Work<'s>, Vec<Status>)> {
+        let ready: BTreeSet<(u64, std::cmp::Reverse<usize>)> = (0..self.tasks.len())
+            .filter(|&i| self.ready(i))
+            .map(|i| ((self.priority[i] * 1000.0) as u64, std::cmp::Reverse(i)))
+            .collect();
+        let mut out = Vec::new();
+        for (_, std::cmp::Reverse(i)) in ready.into_iter().rev() {
+            if self.running >= self.limit {
+                break;
+            }
+            let work = self.tasks[i]
+                .work
+                .take()
+                .expect("an unsettled task has work");
+            let deps: Vec<Status> = self.tasks[i]
+                .waits_for()
+                .map(|d| self.results[*d].as_ref().expect("settled").0.clone())
+                .collect();
+            self.started[i] = true;
+            self.running += 1;
+            out.push((i, work, deps));
+        }
+        out
+    }
+
+    fn finished(&mut self, i: usize, status: Status, elapsed: Duration, reporter: &dyn Reporter) {
+        self.running -= 1;
+        let status = if process::cancelled() && status.is_failure() {
+            Status::Cancelled
+        } else {
+            status
+        };
+        reporter.job_finished(&self.tasks[i].label, &status, elapsed);
+        self.results[i] = Some((status, elapsed));
+    }
 }
 
 /// For each task, its estimate plus the longest chain of tasks that wait for it.
 fn critical_path(tasks: &[Task<'_>]) -> Vec<f64> {
     let mut longest: Vec<f64> = tasks.iter().map(|t| t.estimate).collect();
     for i in (0..tasks.len()).rev() {
-        for &d in &tasks[i].deps {
+        for &d in tasks[i].waits_for() {
             longest[d] = longest[d].max(tasks[d].estimate + longest[i]);
         }
     }
@@ -179,11 +240,13 @@ mod tests {
     #[test]
     fn a_failure_spares_independent_jobs_and_marks_dependents() {
         let tasks = vec![
-            Task::run(label("a"), vec![], 1.0, |_| Status::Failed("boom".into())),
-            Task::run(label("b"), vec![0], 1.0, |_| Status::Done),
-            Task::run(label("c"), vec![], 1.0, |_| Status::Done),
-            Task::settled(label("d"), vec![2], Status::Fresh),
-            Task::run(label("e"), vec![1], 1.0, |_| Status::Done),
+            Task::run(label("a"), (vec![], vec![]), 1.0, |_| {
+                Status::Failed("boom".into())
+            }),
+            Task::run(label("b"), (vec![0], vec![]), 1.0, |_| Status::Done),
+            Task::run(label("c"), (vec![], vec![]), 1.0, |_| Status::Done),
+            Task::settled(label("d"), (vec![2], vec![]), Status::Fresh),
+            Task::run(label("e"), (vec![1], vec![]), 1.0, |_| Status::Done),
         ];
         let out: Vec<Status> = run(tasks, 2, &Silent).into_iter().map(|r| r.0).collect();
         assert_eq!(out[0], Status::Failed("boom".into()));
@@ -208,13 +271,57 @@ mod tests {
             }
         };
         let tasks = vec![
-            Task::run(label("short"), vec![], 1.0, record("short")),
-            Task::run(label("long-head"), vec![], 1.0, record("long-head")),
-            Task::run(label("long-tail"), vec![1], 50.0, record("long-tail")),
+            Task::run(label("short"), (vec![], vec![]), 1.0, record("short")),
+            Task::run(
+                label("long-head"),
+                (vec![], vec![]),
+                1.0,
+                record("long-head"),
+            ),
+            Task::run(
+                label("long-tail"),
+                (vec![1], vec![]),
+                50.0,
+                record("long-tail"),
+            ),
         ];
         let out = run(tasks, 1, &Silent);
         assert!(out.iter().all(|r| r.0 == Status::Done));
         assert_eq!(*order.lock().unwrap(), ["long-head", "long-tail", "short"]);
+    }
+
+    #[test]
+    fn a_panicking_job_fails_and_the_others_finish() {
+        let tasks = vec![
+            Task::run(label("boom"), (vec![], vec![]), 1.0, |_| {
+                panic!("index out of range")
+            }),
+            Task::run(label("after-boom"), (vec![0], vec![]), 1.0, |_| {
+                Status::Done
+            }),
+            Task::run(
+                label("soft"),
+                (vec![], vec![0]),
+                1.0,
+                |deps: &[Status]| {
+                    assert!(matches!(deps[0], Status::Failed(_)));
+                    Status::Done
+                },
+            ),
+            Task::run(label("other"), (vec![], vec![]), 1.0, |_| Status::Done),
+        ];
+        let out: Vec<Status> = run(tasks, 2, &Silent).into_iter().map(|r| r.0).collect();
+        assert!(
+            matches!(&out[0], Status::Failed(m) if m.contains("panicked") && m.contains("index out of range")),
+            "{out:?}"
+        );
+        assert!(matches!(out[1], Status::DepFailed(_)));
+        assert_eq!(
+            out[2],
+            Status::Done,
+            "a soft dependency's failure is tolerated"
+        );
+        assert_eq!(out[3], Status::Done);
     }
 
     #[test]
@@ -225,7 +332,7 @@ mod tests {
         let tasks: Vec<Task> = (0..8)
             .map(|i| {
                 let (now, peak) = (&now, &peak);
-                Task::run(label(&format!("t{i}")), vec![], 1.0, move |_| {
+                Task::run(label(&format!("t{i}")), (vec![], vec![]), 1.0, move |_| {
                     let c = now.fetch_add(1, Ordering::SeqCst) + 1;
                     peak.fetch_max(c, Ordering::SeqCst);
                     std::thread::sleep(Duration::from_millis(20));

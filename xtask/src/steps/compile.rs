@@ -38,6 +38,11 @@ impl Record {
         layout.module_state(kver, module).join("record.json")
     }
 
+    /// The last successful run's record, whatever its inputs.
+    pub fn load(layout: &Layout, kver: &str, module: &str) -> Option<Record> {
+        read_json(&Record::path(layout, kver, module))
+    }
+
     /// The last record when it matches `fingerprint` and its files are still there.
     pub fn fresh(layout: &Layout, kver: &str, module: &str, fingerprint: &str) -> Option<Record> {
         let rec: Record = read_json(&Record::path(layout, kver, module))?;

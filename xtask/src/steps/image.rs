@@ -1,32 +1,28 @@
 //! The image step: a kernel's staging tree as one layer on a small base, written as a
 //! reproducible OCI image layout at `<out>/images/<kver>/`.
 //!
-//! The layer holds `<prefix>/lib/modules/<kver>/` and nothing else (every `.ko` and
-//! depmod's files, with their parent directories), every time set to the source date
-//! epoch. The base is ubi-minimal (or any image) from local storage or a registry, or
-//! kmodforge's own `busybox` base: scratch plus Debian's static busybox providing the
-//! `sh`, `mkdir` and `cp` that KMM's worker runs. Labels and annotations name the
-//! source, revision, creation time, title and kernel.
+//! Two jobs: the layer ([`write_layer`]) holds `<prefix>/lib/modules/<kver>/` and
+//! nothing else (every `.ko` and depmod's files, with their parent directories), every
+//! time set to the source date epoch; the image ([`assemble`]) puts it on the base
+//! ([`crate::steps::image_base`]). Labels and annotations name the source, revision,
+//! creation time, title and kernel.
 
 use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use oci_spec::image::{
-    Arch, ConfigBuilder, HistoryBuilder, ImageConfiguration, ImageConfigurationBuilder, MediaType,
-    Os, RootFsBuilder,
-};
+use oci_spec::image::{HistoryBuilder, ImageConfiguration, MediaType};
+use serde::{Deserialize, Serialize};
 
+use crate::config::Config;
 use crate::config::diag::display_path;
 use crate::config::template::image_reference;
-use crate::config::{Config, ImageBase, Kernel};
 use crate::formats::oci::{Entry, OciDir, descriptor, layer};
-use crate::host::engine::{Engine, require_program};
-use crate::host::fs::replace_dir;
+use crate::host::fs::{read_json, replace_dir, write_atomic, write_json};
 use crate::host::process::Cmd;
-use crate::run::fingerprint::{Fingerprint, walk_files};
 use crate::run::layout::Layout;
+use crate::steps::image_base::BaseImage;
 
 /// What the source of an image is: time, revision, and where it lives.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -139,98 +135,166 @@ pub fn reference(config: &Config, kver: &str) -> Result<String> {
     image_reference(&expanded).map_err(anyhow::Error::msg)
 }
 
-/// Builds the image of `kernel` from its staging tree.
-pub fn assemble(
+/// kmodforge's layer of a kernel's image: `<prefix>/lib/modules/<kver>/` and nothing
+/// else, written from the staging tree. All the load test needs; the image adds the base.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LayerRecord {
+    pub fingerprint: String,
+    /// The epoch every time in the layer is set to.
+    pub epoch: u64,
+    /// Digest and size of the gzip-compressed layer, and its diff ID.
+    pub digest: String,
+    pub size: u64,
+    pub diff_id: String,
+    /// `<prefix>/lib/modules/<kver>`, relative to `/`.
+    pub modules_dir: String,
+    /// How many `.ko` files it holds.
+    pub modules: usize,
+}
+
+impl LayerRecord {
+    fn path(layout: &Layout, kver: &str) -> PathBuf {
+        layout.kernel_state(kver).join("layer.json")
+    }
+
+    /// The layer's gzip file.
+    pub fn blob(layout: &Layout, kver: &str) -> PathBuf {
+        layout.kernel_state(kver).join("layer.tar.gz")
+    }
+
+    /// The last layer written for `kver`, when it matches `fingerprint` and `epoch`.
+    pub fn fresh(
+        layout: &Layout,
+        kver: &str,
+        fingerprint: &str,
+        epoch: u64,
+    ) -> Option<LayerRecord> {
+        let rec: LayerRecord = read_json(&Self::path(layout, kver))?;
+        let blob = Self::blob(layout, kver);
+        let intact = blob.metadata().is_ok_and(|m| m.len() == rec.size);
+        (rec.fingerprint == fingerprint && rec.epoch == epoch && intact).then_some(rec)
+    }
+
+    /// The last layer written for `kver`, whatever its inputs.
+    pub fn load(layout: &Layout, kver: &str) -> Result<LayerRecord> {
+        read_json(&Self::path(layout, kver)).with_context(|| {
+            format!("kernel {kver} has no image layer yet\n  help: run `cargo xtask image --kernel {kver}`")
+        })
+    }
+}
+
+/// Checks the staging tree as `verify` does, and writes kmodforge's layer from it. A
+/// tree `verify` would refuse (a truncated or foreign `.ko`, a stale modules.dep) gets
+/// no layer, so no image replaces the last good one.
+pub fn write_layer(
     config: &Config,
-    kernel: &Kernel,
-    engine: &Engine,
-    state: &Layout,
-    provenance: &Provenance,
-    log: &Path,
-) -> Result<BuiltImage> {
-    let kver = &kernel.version;
-    let staging = state.staging_modules(kver);
+    layout: &Layout,
+    kver: &str,
+    epoch: u64,
+    fingerprint: &str,
+) -> Result<LayerRecord> {
+    let staging = layout.staging_modules(kver);
     if !staging.join("modules.dep").is_file() {
         bail!(
             "kernel {kver} has no build output in {}\n  help: run `cargo xtask build --kernel {kver}`",
             display_path(&staging)
         );
     }
+    let files = crate::steps::verify::read_dir(&staging)?;
+    let problems: Vec<String> = crate::steps::verify::tree(&files, kver, &display_path(&staging))
+        .into_iter()
+        .filter(|c| !c.ok)
+        .map(|c| format!("{}: {}", c.name, c.detail))
+        .collect();
+    if !problems.is_empty() {
+        bail!(
+            "the staging tree of {kver} fails its checks, so no image is made from it (the last good image is kept):\n  {}\n  help: run `cargo xtask build-all`, which rebuilds a tree that no longer matches its record",
+            problems.join("\n  ")
+        );
+    }
+    let modules_dir = Path::new(config.image.prefix.trim_start_matches('/'))
+        .join("lib/modules")
+        .join(kver)
+        .to_string_lossy()
+        .into_owned();
+    let mut entries = parents(&modules_dir);
+    let mut modules = 0;
+    for (rel, data) in files {
+        modules += usize::from(rel.ends_with(".ko"));
+        entries.push(Entry::File {
+            path: format!("{modules_dir}/{rel}"),
+            mode: 0o644,
+            data,
+        });
+    }
+    let layer = layer(entries, epoch)?;
+    let record = LayerRecord {
+        fingerprint: fingerprint.to_string(),
+        epoch,
+        digest: crate::formats::oci::sha256(&layer.gzip),
+        size: layer.gzip.len() as u64,
+        diff_id: layer.diff_id,
+        modules_dir,
+        modules,
+    };
+    write_atomic(&LayerRecord::blob(layout, kver), &layer.gzip)?;
+    write_json(&LayerRecord::path(layout, kver), &record)?;
+    Ok(record)
+}
+
+/// A directory entry for `dir` and each of its parents.
+fn parents(dir: &str) -> Vec<Entry> {
+    let mut out = Vec::new();
+    let mut path = String::new();
+    for part in dir.split('/') {
+        if !path.is_empty() {
+            path.push('/');
+        }
+        path.push_str(part);
+        out.push(Entry::Dir { path: path.clone() });
+    }
+    out
+}
+
+/// The kernel's image: the base's layers and kmodforge's layer, written as an OCI
+/// layout that replaces `<out>/images/<kver>/` only when complete.
+pub fn assemble(
+    config: &Config,
+    layout: &Layout,
+    kver: &str,
+    base: &BaseImage,
+    provenance: &Provenance,
+) -> Result<BuiltImage> {
+    let record = LayerRecord::load(layout, kver)?;
     let reference = reference(config, kver)?;
     let tag = reference
         .rsplit_once(':')
         .map(|(_, t)| t.to_string())
         .expect("references have tags");
-
-    let base = resolve_base(config, engine, state, provenance.epoch, log)?;
     let (base_desc, base_manifest) = base.oci.manifest()?;
     let base_config: ImageConfiguration = base
         .oci
         .read_json(base_manifest.config().digest().as_ref())?;
 
-    let prefix = config.image.prefix.trim_start_matches('/');
-    let mut entries = Vec::new();
-    let mut dir = String::new();
-    for part in Path::new(prefix)
-        .join("lib/modules")
-        .join(kver)
-        .components()
-    {
-        dir = if dir.is_empty() {
-            part.as_os_str().to_string_lossy().into()
-        } else {
-            format!("{dir}/{}", part.as_os_str().to_string_lossy())
-        };
-        entries.push(Entry::Dir { path: dir.clone() });
-    }
-    let mut files = Vec::new();
-    for rel in walk_files(&staging)? {
-        let data = fs::read(staging.join(&rel))?;
-        files.push(rel.to_string_lossy().into_owned());
-        entries.push(Entry::File {
-            path: format!("{dir}/{}", rel.to_string_lossy()),
-            mode: 0o644,
-            data,
-        });
-    }
-    let modules_layer = layer(entries, provenance.epoch)?;
-
-    let scratch = state.scratch("image-")?;
+    let scratch = layout.scratch("image-")?;
     let oci = OciDir::create(scratch.path())?;
     let mut layers = Vec::new();
     for l in base_manifest.layers() {
         oci.import_blob(&base.oci, l.digest().as_ref())?;
         layers.push(l.clone());
     }
-    let (layer_digest, layer_size) = oci.write_blob(&modules_layer.gzip)?;
+    let gzip = fs::read(LayerRecord::blob(layout, kver))?;
+    let (layer_digest, layer_size) = oci.write_blob(&gzip)?;
+    if layer_digest != record.digest {
+        bail!("the image layer of {kver} changed since it was written; run the command again");
+    }
     layers.push(descriptor(
         MediaType::ImageLayerGzip,
         &layer_digest,
         layer_size,
     )?);
 
-    let created = rfc3339(provenance.epoch);
-    let title = reference
-        .rsplit_once(':')
-        .map(|(r, _)| r.rsplit('/').next().unwrap_or(r))
-        .unwrap_or(&reference)
-        .to_string();
-    let mut annotations: HashMap<String, String> = HashMap::new();
-    annotations.insert("org.opencontainers.image.created".into(), created.clone());
-    annotations.insert("org.opencontainers.image.title".into(), title);
-    annotations.insert("org.opencontainers.image.version".into(), kver.clone());
-    annotations.insert(
-        "org.opencontainers.image.description".into(),
-        format!("Kernel modules for Linux {kver}, in the layout KMM loads"),
-    );
-    annotations.insert("io.kmodforge.kernel".into(), kver.clone());
-    annotations.insert("io.kmodforge.modules-dir".into(), format!("/{dir}"));
-    if let Some(r) = &provenance.revision {
-        annotations.insert("org.opencontainers.image.revision".into(), r.clone());
-    }
-    if let Some(s) = &provenance.source {
-        annotations.insert("org.opencontainers.image.source".into(), s.clone());
-    }
+    let mut annotations = annotations(&reference, kver, &record, provenance);
     if let Some(name) = &base.name {
         annotations.insert("org.opencontainers.image.base.name".into(), name.clone());
         annotations.insert(
@@ -238,36 +302,12 @@ pub fn assemble(
             base_desc.digest().to_string(),
         );
     }
-
-    let mut image_config = base_config.clone();
-    image_config.set_created(Some(created.clone()));
-    image_config
-        .rootfs_mut()
-        .diff_ids_mut()
-        .push(modules_layer.diff_id.clone());
-    let mut history = image_config.history().clone().unwrap_or_default();
-    history.push(
-        HistoryBuilder::default()
-            .created(created.clone())
-            .created_by(format!(
-                "kmodforge: {} .ko files and depmod output in /{dir}",
-                files.iter().filter(|f| f.ends_with(".ko")).count()
-            ))
-            .build()?,
-    );
-    image_config.set_history(Some(history));
-    let mut runtime = image_config.config().clone().unwrap_or_default();
-    let mut labels = runtime.labels().clone().unwrap_or_default();
-    labels.extend(annotations.clone());
-    runtime.set_labels(Some(labels));
-    image_config.set_config(Some(runtime));
-
+    let image_config = image_config(base_config, &record, provenance.epoch, &annotations)?;
     let digest = oci.write_image(&image_config, layers.clone(), Some(annotations), &tag)?;
-
-    let dest = state.out.join("images").join(kver);
+    let dest = layout.out.join("images").join(kver);
     replace_dir(&scratch.keep(), &dest)?;
     Ok(BuiltImage {
-        kver: kver.clone(),
+        kver: kver.to_string(),
         reference,
         tag,
         dir: dest,
@@ -276,199 +316,71 @@ pub fn assemble(
     })
 }
 
-struct ResolvedBase {
-    oci: OciDir,
-    /// The reference it came from, for the `base.name` annotation.
-    name: Option<String>,
+fn annotations(
+    reference: &str,
+    kver: &str,
+    layer: &LayerRecord,
+    provenance: &Provenance,
+) -> HashMap<String, String> {
+    let title = reference
+        .rsplit_once(':')
+        .map(|(r, _)| r.rsplit('/').next().unwrap_or(r))
+        .unwrap_or(reference);
+    let mut a: HashMap<String, String> = HashMap::new();
+    a.insert(
+        "org.opencontainers.image.created".into(),
+        rfc3339(provenance.epoch),
+    );
+    a.insert("org.opencontainers.image.title".into(), title.to_string());
+    a.insert("org.opencontainers.image.version".into(), kver.to_string());
+    a.insert(
+        "org.opencontainers.image.description".into(),
+        format!("Kernel modules for Linux {kver}, in the layout KMM loads"),
+    );
+    a.insert("io.kmodforge.kernel".into(), kver.to_string());
+    a.insert(
+        "io.kmodforge.modules-dir".into(),
+        format!("/{}", layer.modules_dir),
+    );
+    if let Some(r) = &provenance.revision {
+        a.insert("org.opencontainers.image.revision".into(), r.clone());
+    }
+    if let Some(s) = &provenance.source {
+        a.insert("org.opencontainers.image.source".into(), s.clone());
+    }
+    a
 }
 
-/// Finds the base image as an OCI layout: from local storage, else from its registry;
-/// or makes the busybox base.
-fn resolve_base(
-    config: &Config,
-    engine: &Engine,
-    state: &Layout,
+/// The base's configuration with kmodforge's layer, its history entry and the labels.
+fn image_config(
+    mut config: ImageConfiguration,
+    layer: &LayerRecord,
     epoch: u64,
-    log: &Path,
-) -> Result<ResolvedBase> {
-    match &config.image.base {
-        ImageBase::Busybox => Ok(ResolvedBase {
-            oci: busybox_base(config, state, epoch, log)?,
-            name: None,
-        }),
-        ImageBase::Reference(r) => {
-            require_program("skopeo", "skopeo", "kmodforge copies images with it")?;
-            if let Some(id) = engine.image_id(r)? {
-                let cache = state
-                    .out
-                    .join(".kmodforge/bases")
-                    .join(id.trim_start_matches("sha256:"));
-                if !cache.join("index.json").is_file() {
-                    let tmp = state.scratch("base-")?;
-                    engine
-                        .skopeo_from_storage(r, &format!("oci:{}:base", tmp.path().display()))
-                        .run_logged(log, None)
-                        .with_context(|| {
-                            format!(
-                                "cannot copy the base image {r} out of {}'s storage",
-                                engine.kind
-                            )
-                        })?;
-                    replace_dir(&tmp.keep(), &cache)?;
-                }
-                return Ok(ResolvedBase {
-                    oci: OciDir::open(&cache)?,
-                    name: Some(r.clone()),
-                });
-            }
-            let tmp = state.scratch("base-")?;
-            let tls = crate::steps::publish::tls_flag(config, r, "--src-tls-verify");
-            let pulled = Cmd::new("skopeo")
-                .args([
-                    "copy",
-                    "--quiet",
-                    &tls,
-                    &format!("docker://{r}"),
-                    &format!("oci:{}:base", tmp.path().display()),
-                ])
-                .run_logged(log, None);
-            match pulled {
-                Ok(()) => Ok(ResolvedBase {
-                    oci: OciDir::open(&tmp.keep())?,
-                    name: Some(r.clone()),
-                }),
-                Err(e) => bail!(
-                    "cannot find the base image {r}: it is not in {}'s local storage, and pulling it failed: {e:#}\n  \
-                     help: where no registry is reachable, load it into local storage (`{} load -i <file>`), \
-                     push it to a registry you run and set [image] base to that reference, or set \
-                     [image] base = \"busybox\" for kmodforge's minimal base",
-                    engine.kind,
-                    engine.kind
-                ),
-            }
-        }
-    }
-}
-
-/// Debian's static busybox (busybox-static), fetched once from the archive with
-/// mmdebstrap's extract variant (no registry, no container) and cached.
-pub fn busybox_binary(config: &Config, state: &Layout, log: &Path) -> Result<Vec<u8>> {
-    let (suite, sources) = (&config.image.busybox_suite, &config.image.busybox_sources);
-    let mut fp = Fingerprint::new("busybox-v1");
-    fp.field("suite", suite);
-    for s in sources {
-        fp.field("source", s);
-    }
-    let key = fp.finish();
-    let binary = state
-        .out
-        .join(".kmodforge/busybox")
-        .join(&key[..16])
-        .join("busybox");
-    if !binary.is_file() {
-        require_program(
-            "mmdebstrap",
-            "mmdebstrap",
-            "busybox-static is fetched from the Debian archive with it",
-        )?;
-        let tmp = state.scratch("busybox-")?;
-        let tarball = tmp.path().join("rootfs.tar");
-        Cmd::new("mmdebstrap")
-            .args([
-                "--variant=extract",
-                "--include=busybox-static",
-                "--quiet",
-                suite,
-            ])
-            .arg(&tarball)
-            .args(sources)
-            .run_logged(log, None)
-            .context("cannot fetch busybox-static from the Debian archive")?;
-        let mut archive = tar::Archive::new(fs::File::open(&tarball)?);
-        let mut found = None;
-        for entry in archive.entries()? {
-            let mut entry = entry?;
-            let path = entry.path()?.to_string_lossy().into_owned();
-            if matches!(
-                path.trim_start_matches("./"),
-                "bin/busybox" | "usr/bin/busybox"
-            ) {
-                let mut data = Vec::new();
-                std::io::Read::read_to_end(&mut entry, &mut data)?;
-                found = Some(data);
-                break;
-            }
-        }
-        let data = found.context("busybox-static did not contain bin/busybox")?;
-        crate::host::fs::write_atomic(&binary, &data)?;
-    }
-    Ok(fs::read(&binary)?)
-}
-
-/// `scratch` plus Debian's static busybox, with `sh`, `mkdir` and `cp` linked to it:
-/// exactly what KMM's worker runs in the image.
-fn busybox_base(config: &Config, state: &Layout, epoch: u64, log: &Path) -> Result<OciDir> {
-    let data = busybox_binary(config, state, log)?;
-    let digest = crate::formats::oci::sha256(&data);
-    let key = digest.trim_start_matches("sha256:");
-    let mut entries = vec![
-        Entry::Dir { path: "bin".into() },
-        Entry::File {
-            path: "bin/busybox".into(),
-            mode: 0o755,
-            data,
-        },
-    ];
-    for tool in ["cp", "mkdir", "sh"] {
-        entries.push(Entry::Symlink {
-            path: format!("bin/{tool}"),
-            target: "busybox".into(),
-        });
-    }
-    let base_layer = layer(entries, epoch)?;
-
-    let dir = state
-        .out
-        .join(".kmodforge/bases")
-        .join(format!("busybox-{}-{epoch}", &key[..16]));
-    if dir.join("index.json").is_file() {
-        return OciDir::open(&dir);
-    }
-    let tmp = state.scratch("busybox-oci-")?;
-    let oci = OciDir::create(tmp.path())?;
-    let (digest, size) = oci.write_blob(&base_layer.gzip)?;
+    annotations: &HashMap<String, String>,
+) -> Result<ImageConfiguration> {
     let created = rfc3339(epoch);
-    let config = ImageConfigurationBuilder::default()
-        .architecture(Arch::Amd64)
-        .os(Os::Linux)
-        .created(created.clone())
-        .config(
-            ConfigBuilder::default()
-                .env(vec!["PATH=/bin".to_string()])
-                .cmd(vec!["/bin/sh".to_string()])
-                .build()?,
-        )
-        .rootfs(
-            RootFsBuilder::default()
-                .typ("layers")
-                .diff_ids(vec![base_layer.diff_id.clone()])
-                .build()?,
-        )
-        .history(vec![
-            HistoryBuilder::default()
-                .created(created)
-                .created_by("kmodforge: static busybox (sh, mkdir, cp)")
-                .build()?,
-        ])
-        .build()?;
-    oci.write_image(
-        &config,
-        vec![descriptor(MediaType::ImageLayerGzip, &digest, size)?],
-        None,
-        "busybox",
-    )?;
-    replace_dir(&tmp.keep(), &dir)?;
-    OciDir::open(&dir)
+    config.set_created(Some(created.clone()));
+    config
+        .rootfs_mut()
+        .diff_ids_mut()
+        .push(layer.diff_id.clone());
+    let mut history = config.history().clone().unwrap_or_default();
+    history.push(
+        HistoryBuilder::default()
+            .created(created)
+            .created_by(format!(
+                "kmodforge: {} .ko files and depmod output in /{}",
+                layer.modules, layer.modules_dir
+            ))
+            .build()?,
+    );
+    config.set_history(Some(history));
+    let mut runtime = config.config().clone().unwrap_or_default();
+    let mut labels = runtime.labels().clone().unwrap_or_default();
+    labels.extend(annotations.clone());
+    runtime.set_labels(Some(labels));
+    config.set_config(Some(runtime));
+    Ok(config)
 }
 
 #[cfg(test)]

@@ -17,13 +17,21 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use regex::Regex;
+use serde::{Deserialize, Serialize};
 
+use crate::config::Config;
+use crate::config::diag::display_path;
 use crate::formats::initramfs::Initramfs;
 use crate::formats::modinfo::ModInfo;
-use crate::formats::oci::Node;
+use crate::formats::oci::{self, OciDir};
+use crate::formats::oci::{FileSystem, Node};
 use crate::host::engine::{Engine, Mount, Run};
+use crate::host::fs::{read_json, write_atomic, write_json};
 use crate::host::process::{Cmd, quote, which};
-use crate::run::layout::Layout;
+use crate::run::layout::{Layout, cache_dir, machine_lock};
+use crate::steps::compile::Record;
+use crate::steps::image::LayerRecord;
+use crate::steps::toolchain::Facts;
 
 /// One module the test loads.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -38,7 +46,7 @@ pub struct Subject {
 }
 
 /// How one module fared.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Verdict {
     pub module: String,
     pub loaded: bool,
@@ -47,10 +55,130 @@ pub struct Verdict {
     pub reason: Option<String>,
 }
 
+/// What the load test of one kernel works with.
+pub struct Request<'a> {
+    pub config: &'a Config,
+    pub engine: &'a Engine,
+    pub layout: &'a Layout,
+    pub kver: &'a str,
+    pub toolchain: &'a Facts,
+    pub toolchain_fingerprint: &'a str,
+    /// Test this OCI image layout instead of kmodforge's layer.
+    pub image: Option<&'a Path>,
+    pub timeout: Duration,
+    pub log: &'a Path,
+}
+
+/// How a kernel's load test went: the boot and a verdict per module.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Report {
+    pub accel: String,
+    pub wall_seconds: f64,
+    pub console: PathBuf,
+    pub verdicts: Vec<Verdict>,
+}
+
+impl Report {
+    pub fn path(layout: &Layout, kver: &str) -> PathBuf {
+        layout.kernel_state(kver).join("loadtest.json")
+    }
+
+    pub fn load(layout: &Layout, kver: &str) -> Option<Report> {
+        read_json(&Self::path(layout, kver))
+    }
+
+    pub fn failures(&self) -> usize {
+        self.verdicts.iter().filter(|v| v.reason.is_some()).count()
+    }
+}
+
+/// Boots the kernel with the modules of its layer (or of `image`) and judges each one.
+pub fn run(r: &Request) -> Result<Report> {
+    let prefix = &r.config.image.prefix;
+    let tree = prefix.trim_start_matches('/').to_string();
+    let under_prefix = |p: &str| p.starts_with(&format!("{tree}/"));
+    let image_fs = match r.image {
+        Some(dir) => oci::filesystem(&OciDir::open(dir)?, under_prefix)?,
+        None => {
+            LayerRecord::load(r.layout, r.kver)?;
+            let blob = LayerRecord::blob(r.layout, r.kver);
+            let gzip =
+                fs::read(&blob).with_context(|| format!("cannot read {}", display_path(&blob)))?;
+            oci::layer_filesystem(&gzip, under_prefix)?
+        }
+    };
+    let modules_dir = format!("{tree}/lib/modules/{}", r.kver);
+    if !image_fs.contains_key(&modules_dir) {
+        bail!(
+            "the image has no {prefix}/lib/modules/{}/: it was not built for this kernel, or with another prefix",
+            r.kver
+        );
+    }
+    let subjects = subjects(
+        &image_fs,
+        &modules_dir,
+        &parameters(r.config, r.layout, r.kver),
+    )?;
+    if subjects.is_empty() {
+        bail!(
+            "the image holds no .ko file in {prefix}/lib/modules/{}/",
+            r.kver
+        );
+    }
+    let vmlinuz = kernel_image(
+        r.engine,
+        r.layout,
+        &r.toolchain.image,
+        r.toolchain_fingerprint,
+        r.kver,
+        r.log,
+    )?;
+    let busybox = crate::steps::image_base::busybox_binary(r.config, r.layout, r.log)?;
+    let initrd = initramfs(busybox, &image_fs, prefix, r.kver, &subjects)?;
+    let initrd_path = r.layout.kernel_state(r.kver).join("initrd.gz");
+    write_atomic(&initrd_path, &initrd)?;
+
+    let console_log = r.layout.log(r.kver, "qemu-console");
+    let (console, wall, accel) = boot(&vmlinuz, &initrd_path, &console_log, r.timeout)
+        .with_context(|| format!("QEMU did not boot {}", r.kver))?;
+    let modules_dep = image_fs.contains_key(&format!("{modules_dir}/modules.dep"));
+    let report = Report {
+        accel: accel.describe().to_string(),
+        wall_seconds: wall.as_secs_f64(),
+        console: console_log,
+        verdicts: judge(&console, r.kver, &subjects, modules_dep),
+    };
+    write_json(&Report::path(r.layout, r.kver), &report)?;
+    Ok(report)
+}
+
+/// Test parameters by module name: each module folder's `[test] parameters` apply to
+/// every `.ko` that folder built for this kernel (or to the `.ko` of its own name).
+fn parameters(config: &Config, layout: &Layout, kver: &str) -> BTreeMap<String, Vec<String>> {
+    let mut out = BTreeMap::new();
+    for m in &config.modules {
+        if m.test.parameters.is_empty() {
+            continue;
+        }
+        let kos = Record::load(layout, kver, &m.name)
+            .map(|r| r.modules)
+            .filter(|k| !k.is_empty())
+            .unwrap_or_else(|| vec![format!("{}.ko", m.name)]);
+        for ko in kos {
+            out.insert(
+                ko.trim_end_matches(".ko").replace('-', "_"),
+                m.test.parameters.clone(),
+            );
+        }
+    }
+    out
+}
+
 /// Gets the kernel image (vmlinuz) of `kver` out of its toolchain: `/boot` when the
 /// toolchain has it (the Rust kernel's, Debian 6.12 headers pull it in), else the
 /// distribution's kernel package from its archive (`linux-image-<kver>` on Debian,
-/// `kernel-core-<kver>` on RHEL), unpacked, not installed. Cached per toolchain.
+/// `kernel-core-<kver>` on RHEL), unpacked, not installed. Cached per toolchain, for
+/// the whole machine.
 pub fn kernel_image(
     engine: &Engine,
     layout: &Layout,
@@ -59,12 +187,19 @@ pub fn kernel_image(
     kver: &str,
     log: &Path,
 ) -> Result<PathBuf> {
-    let dir = layout.kernel_state(kver).join("boot");
-    let vmlinuz = dir.join(format!("vmlinuz-{}", &fingerprint[..12]));
+    // Kept for every output directory of this machine: the kernel is the same.
+    let dir = cache_dir()
+        .join("kernels")
+        .join(format!("{kver}-{}", &fingerprint[..12]));
+    let vmlinuz = dir.join("vmlinuz");
     if vmlinuz.is_file() {
         return Ok(vmlinuz);
     }
-    fs::create_dir_all(&dir)?;
+    let _lock = machine_lock(&format!("kernel files {}", dir.display()))?;
+    if vmlinuz.is_file() {
+        return Ok(vmlinuz);
+    }
+    fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", display_path(&dir)))?;
     let tmp = layout.scratch("vmlinuz-")?;
     const FETCH: &str = r#"set -eu
 k="$1"; out=/kmodforge/out/vmlinuz
@@ -105,7 +240,7 @@ echo "the toolchain has neither /boot/vmlinuz-$k nor apt-get or dnf to fetch the
         .run(&run)
         .run_logged(log, None)
         .with_context(|| format!("cannot get the kernel image of {kver}"))?;
-    fs::rename(tmp.path().join("vmlinuz"), &vmlinuz)?;
+    crate::host::fs::copy_file(&tmp.path().join("vmlinuz"), &vmlinuz)?;
     Ok(vmlinuz)
 }
 
@@ -142,7 +277,7 @@ fn host_kmod() -> Result<Vec<(String, Vec<u8>)>> {
 /// The modules under `<prefix>/lib/modules/<kver>/` of an image file system, with
 /// what their `.modinfo` says they depend on.
 pub fn subjects(
-    image_fs: &BTreeMap<String, Node>,
+    image_fs: &FileSystem,
     modules_dir: &str,
     parameters: &BTreeMap<String, Vec<String>>,
 ) -> Result<Vec<Subject>> {
@@ -210,7 +345,7 @@ pub fn init_script(kver: &str, prefix: &str, subjects: &[Subject]) -> String {
 /// Builds the initramfs: busybox, kmod, the image's `<prefix>` tree and `/init`.
 pub fn initramfs(
     busybox: Vec<u8>,
-    image_fs: &BTreeMap<String, Node>,
+    image_fs: &FileSystem,
     prefix: &str,
     kver: &str,
     subjects: &[Subject],
@@ -394,17 +529,16 @@ struct Step {
     dmesg: Vec<String>,
 }
 
-/// Reads the console into a verdict per subject.
-pub fn judge(
-    console: &str,
-    kver: &str,
-    subjects: &[Subject],
-    modules_dep_present: bool,
-) -> Vec<Verdict> {
+/// The console's steps by (module, "load" | "unload"), and whether `/init` ended.
+struct Console {
+    steps: BTreeMap<(String, &'static str), Step>,
+    ended: bool,
+}
+
+fn parse_console(console: &str) -> Console {
     let mut steps: BTreeMap<(String, &'static str), Step> = BTreeMap::new();
     let mut current: Option<(String, &'static str)> = None;
-    let mut in_dmesg = false;
-    let mut ended = false;
+    let (mut in_dmesg, mut ended) = (false, false);
     for raw in console.lines() {
         let line = raw.trim_end_matches('\r');
         let Some(rest) = line.split_once(MARK).map(|(_, r)| r.trim()) else {
@@ -419,104 +553,172 @@ pub fn judge(
             continue;
         };
         let (word, arg) = rest.split_once(' ').unwrap_or((rest, ""));
-        match word {
-            "load" => current = Some((arg.to_string(), "load")),
-            "unload" => current = Some((arg.to_string(), "unload")),
-            "rc" => {
-                if let Some(key) = &current {
-                    steps.entry(key.clone()).or_default().rc = arg.trim().parse().ok();
-                }
+        match (word, &current) {
+            ("load", _) => current = Some((arg.to_string(), "load")),
+            ("unload", _) => current = Some((arg.to_string(), "unload")),
+            ("rc", Some(key)) => steps.entry(key.clone()).or_default().rc = arg.trim().parse().ok(),
+            ("modules", Some(key)) => {
+                steps.entry(key.clone()).or_default().modules =
+                    arg.split_whitespace().map(str::to_string).collect()
             }
-            "modules" => {
-                if let Some(key) = &current {
-                    steps.entry(key.clone()).or_default().modules =
-                        arg.split_whitespace().map(str::to_string).collect();
-                }
-            }
-            "dmesg-begin" => in_dmesg = true,
-            "dmesg-end" => in_dmesg = false,
-            "end" => ended = true,
+            ("dmesg-begin", _) => in_dmesg = true,
+            ("dmesg-end", _) => in_dmesg = false,
+            ("end", _) => ended = true,
             _ => {}
         }
     }
+    Console { steps, ended }
+}
+
+/// Reads the console into a verdict per subject.
+pub fn judge(
+    console: &str,
+    kver: &str,
+    subjects: &[Subject],
+    modules_dep_present: bool,
+) -> Vec<Verdict> {
+    let console = parse_console(console);
     subjects
         .iter()
         .map(|s| {
-            let load = steps.get(&(s.name.clone(), "load"));
-            let unload = steps.get(&(s.name.clone(), "unload"));
-            let mut reason = None;
-            let mut why = |r: String| {
-                if reason.is_none() {
-                    reason = Some(r);
-                }
-            };
-            let problems = |step: Option<&Step>| -> Vec<String> {
-                step.map(|st| st.dmesg.iter().filter(|l| PROBLEM.is_match(l)).map(|l| strip_time(l)).collect()).unwrap_or_default()
-            };
-            let loaded = match load {
-                None => {
-                    why(if ended { "never loaded".into() } else { "the kernel crashed or hung before this module was loaded; see the console log".into() });
-                    false
-                }
-                                Some(st) if st.rc.is_none() => {
-                    let seen = st.output.iter().chain(&st.dmesg).find(|l| PROBLEM.is_match(l)).map(|l| strip_time(l));
-                    why(format!(
-                        "the kernel crashed or hung while loading it{}; see the console log",
-                        seen.map(|p| format!(" ({p})")).unwrap_or_default()
-                    ));
-                    false
-                }
-                Some(st) if st.rc != Some(0) => {
-                    let said = st.output.iter().rev().find(|l| l.contains("modprobe:")).cloned().unwrap_or_else(|| "modprobe failed".into());
-                    let kernel = problems(load).into_iter().next().or_else(|| {
-                        st.dmesg.iter().find(|l| l.contains(&s.name)).map(|l| strip_time(l))
-                    });
-                    let mut r = match kernel {
-                        Some(k) => format!("{said}; kernel: {k}"),
-                        None => said,
-                    };
-                    if !modules_dep_present {
-                        r.push_str(" (the image has no modules.dep: depmod was not run when it was built)");
-                    }
-                    if let Some(other) = s.built_for.as_deref().filter(|b| *b != kver) {
-                        r.push_str(&format!(" (vermagic: the module was built for kernel {other}, not {kver})"));
-                    }
-                    why(r);
-                    false
-                }
-                Some(st) if !st.modules.contains(&s.name) => {
-                    why("modprobe succeeded but the module is not in /proc/modules".into());
-                    false
-                }
-                Some(st) => {
-                    if let Some(d) = s.depends.iter().find(|d| !st.modules.contains(d)) {
-                        why(format!("its dependency {d} was not loaded with it"));
-                    }
-                    true
-                }
-            };
+            let load = console.steps.get(&(s.name.clone(), "load"));
+            let unload = console.steps.get(&(s.name.clone(), "unload"));
+            let mut reasons = Vec::new();
+            let loaded = judge_load(
+                s,
+                load,
+                console.ended,
+                kver,
+                modules_dep_present,
+                &mut reasons,
+            );
             if let Some(p) = problems(load).into_iter().next() {
-                why(format!("kernel log while loading: {p}"));
+                reasons.push(format!("kernel log while loading: {p}"));
             }
-            let unloaded = match unload {
-                Some(st) if st.rc == Some(0) && !st.modules.contains(&s.name) => true,
-                Some(st) if loaded => {
-                    let said = st.output.iter().rev().find(|l| l.contains("modprobe:")).cloned().unwrap_or_default();
-                    why(format!("did not unload cleanly {said}").trim().to_string());
-                    false
-                }
-                None if loaded => {
-                    why("the kernel crashed or hung while unloading; see the console log".into());
-                    false
-                }
-                _ => false,
-            };
+            let unloaded = judge_unload(s, unload, loaded, &mut reasons);
             if let Some(p) = problems(unload).into_iter().next() {
-                why(format!("kernel log while unloading: {p}"));
+                reasons.push(format!("kernel log while unloading: {p}"));
             }
-            Verdict { module: s.name.clone(), loaded, unloaded, reason }
+            Verdict {
+                module: s.name.clone(),
+                loaded,
+                unloaded,
+                reason: reasons.into_iter().next(),
+            }
         })
         .collect()
+}
+
+/// The kernel log lines of a step that show a problem, without time stamps.
+fn problems(step: Option<&Step>) -> Vec<String> {
+    step.map(|st| {
+        st.dmesg
+            .iter()
+            .filter(|l| PROBLEM.is_match(l))
+            .map(|l| strip_time(l))
+            .collect()
+    })
+    .unwrap_or_default()
+}
+
+fn judge_load(
+    s: &Subject,
+    load: Option<&Step>,
+    ended: bool,
+    kver: &str,
+    modules_dep_present: bool,
+    reasons: &mut Vec<String>,
+) -> bool {
+    let Some(st) = load else {
+        reasons.push(if ended {
+            "never loaded".into()
+        } else {
+            "the kernel crashed or hung before this module was loaded; see the console log".into()
+        });
+        return false;
+    };
+    if st.rc.is_none() {
+        let seen = st
+            .output
+            .iter()
+            .chain(&st.dmesg)
+            .find(|l| PROBLEM.is_match(l))
+            .map(|l| strip_time(l));
+        reasons.push(format!(
+            "the kernel crashed or hung while loading it{}; see the console log",
+            seen.map(|p| format!(" ({p})")).unwrap_or_default()
+        ));
+        return false;
+    }
+    if st.rc != Some(0) {
+        reasons.push(refusal(s, st, kver, modules_dep_present));
+        return false;
+    }
+    if !st.modules.contains(&s.name) {
+        reasons.push("modprobe succeeded but the module is not in /proc/modules".into());
+        return false;
+    }
+    if let Some(d) = s.depends.iter().find(|d| !st.modules.contains(d)) {
+        reasons.push(format!("its dependency {d} was not loaded with it"));
+    }
+    true
+}
+
+/// Why modprobe refused a module: its words, the kernel's, and what they mean.
+fn refusal(s: &Subject, st: &Step, kver: &str, modules_dep_present: bool) -> String {
+    let said = st
+        .output
+        .iter()
+        .rev()
+        .find(|l| l.contains("modprobe:"))
+        .cloned()
+        .unwrap_or_else(|| "modprobe failed".into());
+    let kernel = problems(Some(st)).into_iter().next().or_else(|| {
+        st.dmesg
+            .iter()
+            .find(|l| l.contains(&s.name))
+            .map(|l| strip_time(l))
+    });
+    let mut r = match kernel {
+        Some(k) => format!("{said}; kernel: {k}"),
+        None => said,
+    };
+    if !modules_dep_present {
+        r.push_str(" (the image has no modules.dep: depmod was not run when it was built)");
+    }
+    if let Some(other) = s.built_for.as_deref().filter(|b| *b != kver) {
+        r.push_str(&format!(
+            " (vermagic: the module was built for kernel {other}, not {kver})"
+        ));
+    }
+    r
+}
+
+fn judge_unload(
+    s: &Subject,
+    unload: Option<&Step>,
+    loaded: bool,
+    reasons: &mut Vec<String>,
+) -> bool {
+    match unload {
+        Some(st) if st.rc == Some(0) && !st.modules.contains(&s.name) => true,
+        Some(st) if loaded => {
+            let said = st
+                .output
+                .iter()
+                .rev()
+                .find(|l| l.contains("modprobe:"))
+                .cloned()
+                .unwrap_or_default();
+            reasons.push(format!("did not unload cleanly {said}").trim().to_string());
+            false
+        }
+        None if loaded => {
+            reasons.push("the kernel crashed or hung while unloading; see the console log".into());
+            false
+        }
+        _ => false,
+    }
 }
 
 /// A kernel log line without its `[    1.234567] ` time stamp.

@@ -5,6 +5,7 @@
 pub mod compile;
 pub mod depmod;
 pub mod image;
+pub mod image_base;
 pub mod loadtest;
 pub mod publish;
 pub mod rust_analyzer;

@@ -16,19 +16,17 @@ use anyhow::{Result, anyhow};
 use crate::config::Config;
 use crate::config::template::registry_host;
 use crate::host::engine::Engine;
-use crate::host::process::Cmd;
+use crate::host::process::{append_log, process_error};
+use crate::host::skopeo::{self, Location};
 use crate::steps::image::BuiltImage;
-
-/// skopeo's TLS flag (`--tls-verify`, `--dest-tls-verify`, ...) for `reference`: off only
-/// when kernels.toml opts that registry into plain HTTP or into skipping verification.
-pub fn tls_flag(config: &Config, reference: &str, flag: &str) -> String {
-    format!("{flag}={}", config.tls_verify(reference))
-}
 
 /// Copies the image into the engine's local storage under its reference.
 pub fn load(engine: &Engine, image: &BuiltImage, log: &Path) -> Result<()> {
-    engine
-        .skopeo_into_storage(&source(image), &image.reference)
+    let to = Location::Storage {
+        engine,
+        reference: &image.reference,
+    };
+    skopeo::copy(&source(image), &to)
         .run_logged(log, None)
         .map_err(|e| {
             anyhow!(
@@ -39,8 +37,11 @@ pub fn load(engine: &Engine, image: &BuiltImage, log: &Path) -> Result<()> {
         })
 }
 
-fn source(image: &BuiltImage) -> String {
-    format!("oci:{}:{}", image.dir.display(), image.tag)
+fn source(image: &BuiltImage) -> Location<'_> {
+    Location::Oci {
+        dir: &image.dir,
+        tag: &image.tag,
+    }
 }
 
 pub enum Pushed {
@@ -51,21 +52,17 @@ pub enum Pushed {
 
 /// Pushes the image to its registry unless an identical one is there (or `force`).
 pub fn push(config: &Config, image: &BuiltImage, force: bool, log: &Path) -> Result<Pushed> {
-    let remote = format!("docker://{}", image.reference);
     if !force
         && let Some((digest, layers)) = remote_layers(config, image, log)?
         && layers == image.layers
     {
         return Ok(Pushed::Identical(digest));
     }
-    Cmd::new("skopeo")
-        .args([
-            "copy",
-            "--quiet",
-            &tls_flag(config, &image.reference, "--dest-tls-verify"),
-            &source(image),
-            &remote,
-        ])
+    let to = Location::Registry {
+        reference: &image.reference,
+        verify_tls: config.tls_verify(&image.reference),
+    };
+    skopeo::copy(&source(image), &to)
         .run_logged(log, None)
         .map_err(|e| explain(config, &image.reference, "push", e))?;
     Ok(Pushed::Pushed)
@@ -78,31 +75,18 @@ fn remote_layers(
     image: &BuiltImage,
     log: &Path,
 ) -> Result<Option<(String, Vec<String>)>> {
-    let raw = Cmd::new("skopeo")
-        .args([
-            "inspect",
-            "--raw",
-            &tls_flag(config, &image.reference, "--tls-verify"),
-        ])
-        .arg(format!("docker://{}", image.reference))
-        .read();
-    let raw = match raw {
-        Ok(raw) => raw,
-        Err(e) => {
-            let msg = format!("{e:#}");
-            if msg.contains("manifest unknown")
-                || msg.contains("not found")
-                || msg.contains("name unknown")
-            {
-                crate::host::process::append_log(
+    let raw =
+        match skopeo::inspect_raw(&image.reference, config.tls_verify(&image.reference)).read() {
+            Ok(raw) => raw,
+            Err(e) if skopeo::says_absent(&e) => {
+                append_log(
                     log,
                     &format!("{} is not in the registry yet", image.reference),
                 )?;
                 return Ok(None);
             }
-            return Err(explain(config, &image.reference, "inspect", e));
-        }
-    };
+            Err(e) => return Err(explain(config, &image.reference, "inspect", e)),
+        };
     let manifest: serde_json::Value = serde_json::from_str(&raw)?;
     let layers = manifest["layers"]
         .as_array()
@@ -119,18 +103,22 @@ fn remote_layers(
 fn explain(config: &Config, reference: &str, what: &str, e: anyhow::Error) -> anyhow::Error {
     let host = registry_host(reference);
     let msg = format!("{e:#}");
-    let help = if msg.contains("x509") || msg.contains("certificate") {
+    // What skopeo said (its stderr, or the log's tail), not kmodforge's own words.
+    let said = process_error(&e)
+        .map(|p| format!("{}\n{}", p.stderr, p.tail.join("\n")))
+        .unwrap_or_default();
+    let help = if said.contains("x509") || said.contains("certificate") {
         format!(
             "\n  help: the certificate of {host} is not trusted. Install its CA on this host, or (not recommended) set \
              [registries.\"{host}\"] insecure-skip-tls-verify = true in {}",
             crate::config::diag::display_path(&config.path)
         )
-    } else if msg.contains("HTTP response to HTTPS client") {
+    } else if said.contains("HTTP response to HTTPS client") {
         format!(
             "\n  help: {host} speaks plain HTTP. If that is intended (not recommended), set [registries.\"{host}\"] insecure = true in {}",
             crate::config::diag::display_path(&config.path)
         )
-    } else if msg.contains("unauthorized") || msg.contains("authentication required") {
+    } else if said.contains("unauthorized") || said.contains("authentication required") {
         format!(
             "\n  help: log in first (`podman login {host}` or `docker login {host}`); kmodforge uses the engine's auth file"
         )

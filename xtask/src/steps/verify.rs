@@ -12,9 +12,12 @@ use std::path::Path;
 
 use anyhow::Result;
 
+use crate::config::Config;
+use crate::config::diag::display_path;
 use crate::formats::modinfo::ModInfo;
 use crate::formats::oci::{self, Node, OciDir};
 use crate::run::fingerprint::walk_files;
+use crate::run::layout::Layout;
 use crate::steps::depmod::DEPMOD_FILES;
 
 /// One check and how it went.
@@ -170,6 +173,61 @@ pub fn read_dir(dir: &Path) -> Result<BTreeMap<String, Vec<u8>>> {
         }
     }
     Ok(files)
+}
+
+/// The checks of a kernel's staging tree and of its image (`<out>/images/<kver>`, or
+/// `image`), each under a heading.
+pub fn kernel(
+    config: &Config,
+    layout: &Layout,
+    kver: &str,
+    image_dir: Option<&Path>,
+) -> Result<Vec<(String, Vec<Check>)>> {
+    let staging = layout.staging_modules(kver);
+    let tree_checks = if staging.is_dir() {
+        tree(&read_dir(&staging)?, kver, &format!("lib/modules/{kver}/"))
+    } else {
+        vec![check(
+            "layout",
+            vec![format!(
+                "no build output: run `cargo xtask build --kernel {kver}`"
+            )],
+            String::new(),
+        )]
+    };
+    let dir = image_dir.map_or_else(|| layout.out.join("images").join(kver), Path::to_path_buf);
+    let image_checks = match OciDir::open(&dir) {
+        Ok(oci) => image(&oci, &config.image.prefix, kver)?,
+        Err(_) if image_dir.is_some() => vec![check(
+            "image",
+            vec![format!(
+                "{} is not an OCI image layout (no index.json)",
+                display_path(&dir)
+            )],
+            String::new(),
+        )],
+        Err(_) => vec![check(
+            "image",
+            vec![format!(
+                "no image at {}: run `cargo xtask image --kernel {kver}`",
+                display_path(&dir)
+            )],
+            String::new(),
+        )],
+    };
+    Ok(vec![
+        (
+            format!(
+                "{kver}: staging tree {}",
+                display_path(&layout.staging(kver))
+            ),
+            tree_checks,
+        ),
+        (
+            format!("{kver}: image {}", display_path(&dir)),
+            image_checks,
+        ),
+    ])
 }
 
 /// Checks an image: its tree under `<prefix>/lib/modules/<kver>/` and the tools KMM's
