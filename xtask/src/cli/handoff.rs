@@ -8,14 +8,12 @@ use anyhow::{Context, Result};
 use clap::Args;
 use regex::Regex;
 
-use super::Cli;
 use crate::config::Config;
 use crate::config::diag::display_path;
 use crate::handoff::kmm;
 use crate::handoff::matrix;
 use crate::handoff::workflow;
 use crate::plan::{Plan, Scope};
-use crate::run::layout::Layout;
 
 #[derive(Args)]
 pub(super) struct MatrixArgs {
@@ -93,15 +91,13 @@ pub(super) struct KmmArgs {
     output: Option<PathBuf>,
 }
 
-pub(super) fn kmm(cli: &Cli, config: Config, args: &KmmArgs) -> Result<ExitCode> {
+pub(super) fn kmm(config: Config, args: &KmmArgs) -> Result<ExitCode> {
     let plan = Plan::new(&config, None, Scope::build())?;
-    let out = cli.out.clone().unwrap_or_else(|| config.root.join("out"));
-    let layout = Layout::new(&out)?;
     let options = kmm::Options {
         regexp: args.regexp,
         in_cluster_build: args.in_cluster_build,
     };
-    let yaml = kmm::manifests(&plan, Some(&layout), &options)?;
+    let yaml = kmm::manifests(&plan, &options)?;
     match &args.output {
         Some(path) => {
             crate::host::fs::write_atomic(path, yaml.as_bytes())?;

@@ -216,11 +216,18 @@ pub fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     if let Command::Deps { install, tests } = cli.command {
+        let root = match &cli.config {
+            Some(c) => std::path::absolute(c)?
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_default(),
+            None => project_root()?,
+        };
         if install {
-            deps::install(tests)?;
+            deps::install(&root, tests)?;
         }
-        println!("{}", deps::report(tests));
-        return Ok(if deps::missing(tests).is_empty() {
+        println!("{}", deps::report(&root, tests));
+        return Ok(if deps::complete(&root, tests) {
             ExitCode::SUCCESS
         } else {
             ExitCode::FAILURE
@@ -240,7 +247,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::RustAnalyzer(args) => rust_analyzer::run(&cli, config, args),
         Command::Matrix(args) => handoff::matrix(config, args),
         Command::Workflow(args) => handoff::workflow(config, args),
-        Command::Kmm(args) => handoff::kmm(&cli, config, args),
+        Command::Kmm(args) => handoff::kmm(config, args),
         Command::Bench(args) => bench::run(&cli, config, args),
         Command::Plan => {
             print_plan(&Plan::new(&config, None, Scope::build())?);

@@ -40,7 +40,7 @@ impl Drop for Session {
 impl Session {
     pub fn open(cli: &Cli, config: Config, args: &BuildArgs) -> Result<Session> {
         if args.install_deps {
-            deps::install(true)?;
+            deps::install(&config.root, true)?;
         }
         let out = cli.out.clone().unwrap_or_else(|| config.root.join("out"));
         let engine = Arc::new(Engine::detect(cli.engine)?);

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::LazyLock;
 
 pub mod diag;
+pub mod dkms;
 pub mod modules;
 pub mod template;
 
@@ -115,6 +116,9 @@ pub struct Toolchain {
     /// Where the kernel's build tree (kernel-devel) is inside the image; may use
     /// `${KERNEL_FULL_VERSION}`.
     pub kernel_source_dir: String,
+    /// Its kernels are built with CONFIG_RUST and it holds their Rust toolchain, so Rust
+    /// modules are built for them (checked against the kernel's config when probed).
+    pub rust: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -233,6 +237,8 @@ struct RawToolchain {
     #[serde(default)]
     build_args: BTreeMap<String, String>,
     kernel_source_dir: Option<Spanned<String>>,
+    #[serde(default)]
+    rust: bool,
 }
 
 #[derive(Deserialize)]
@@ -422,6 +428,20 @@ impl Config {
         out
     }
 
+    /// Why `module`, though selected for `kernel`, cannot be built for it: a Rust module
+    /// for a kernel whose toolchain does not say `rust = true`. Known from the
+    /// configuration alone, so the plan, the matrix and the KMM manifests agree on it
+    /// on every machine.
+    pub fn cannot_build(&self, kernel: &Kernel, module: &Module) -> Option<String> {
+        let tc = &self.toolchains[&kernel.toolchain];
+        (module.language == modules::Language::Rust && !tc.rust).then(|| {
+            format!(
+                "kernel {} was built without CONFIG_RUST (its toolchain {} does not set rust = true)",
+                kernel.version, tc.name
+            )
+        })
+    }
+
     /// Whether `module` is built for `kernel`: the kernel's `modules` list and the
     /// module's `kernels` expression both allow it.
     pub fn selects(&self, kernel: &Kernel, module: &Module) -> bool {
@@ -579,6 +599,7 @@ fn toolchain(
         name: name.to_string(),
         source: source_kind,
         kernel_source_dir,
+        rust: raw.rust,
     })
 }
 
@@ -867,8 +888,7 @@ mod tests {
             &[],
         );
         assert!(
-            e.contains("kernels.toml:2:10: recipe images/missing does not exist")
-                || e.contains("recipe") && e.contains("does not exist"),
+            e.contains("kernels.toml:2:10: recipe ") && e.contains("images/missing does not exist"),
             "{e}"
         );
         let e = err_of(

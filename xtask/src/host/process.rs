@@ -26,6 +26,11 @@ use crate::config::diag::display_path;
 pub const TAIL_LINES: usize = 20;
 
 static RUNNING: Mutex<Vec<Arc<duct::Handle>>> = Mutex::new(Vec::new());
+static SPAWN_DELAY: std::sync::LazyLock<Option<u64>> = std::sync::LazyLock::new(|| {
+    std::env::var("KMODFORGE_TEST_SPAWN_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+});
 static CANCELLED: AtomicBool = AtomicBool::new(false);
 
 /// Stops every registered program and refuses to start new ones. The registry's lock
@@ -243,6 +248,11 @@ impl Cmd {
         if cancelled() && !self.cleanup {
             return Err(Box::new(self.error(Failure::Cancelled)));
         }
+        // Widens the window between the check above and the registration below, so a
+        // test can prove that a cancel never misses a program started in it.
+        if let Some(ms) = *SPAWN_DELAY {
+            std::thread::sleep(Duration::from_millis(ms));
+        }
         let handle = expr.start().map_err(|e| {
             Box::new(self.error(if e.kind() == std::io::ErrorKind::NotFound {
                 Failure::NotFound
@@ -329,7 +339,11 @@ impl Cmd {
 
     fn logged(&self, mut e: ProcessError, log: &Path) -> ProcessError {
         e.log = Some(log.to_path_buf());
-        e.tail = tail(log, TAIL_LINES);
+        // The `$ command` lines repeat what the error already shows.
+        e.tail = tail(log, TAIL_LINES)
+            .into_iter()
+            .filter(|l| !l.starts_with("$ "))
+            .collect();
         e
     }
 

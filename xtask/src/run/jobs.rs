@@ -4,21 +4,32 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use anyhow::{Context as _, Result};
 
 use crate::config::template::normalize_tag;
-use crate::host::engine::Engine;
+use crate::host::engine::{Engine, EngineKind};
 use crate::plan::{JobKind, Plan};
+use crate::run::jobserver::Jobserver;
 use crate::run::layout::Layout;
 use crate::run::pipeline::Options;
 use crate::run::progress::Status;
-use crate::steps::compile::{Compile, Record};
+use crate::steps::compile::{Compile, MakeJobs, Record};
 use crate::steps::image::{BuiltImage, LayerRecord, Provenance};
 use crate::steps::image_base::BaseImage;
 use crate::steps::toolchain::{self, Facts};
 use crate::steps::{depmod, image, image_base, loadtest, publish, verify};
+
+/// Counts a job as running until dropped.
+struct Running<'a>(&'a AtomicUsize);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
 
 /// The state one run shares between its jobs.
 pub struct Context<'a> {
@@ -35,6 +46,10 @@ pub struct Context<'a> {
     images: Vec<OnceLock<BuiltImage>>,
     /// Lines for the user about a job (an image's digest, a push), by job index.
     pub details: Mutex<BTreeMap<usize, Vec<String>>>,
+    /// The make jobserver the compiles share (with podman).
+    pub jobserver: Option<Jobserver>,
+    /// How many jobs are running, for a compile's share of `-j` without a jobserver.
+    busy: AtomicUsize,
 }
 
 impl<'a> Context<'a> {
@@ -58,6 +73,10 @@ impl<'a> Context<'a> {
             base: OnceLock::new(),
             images: (0..n).map(|_| OnceLock::new()).collect(),
             details: Mutex::new(BTreeMap::new()),
+            jobserver: (engine.kind == EngineKind::Podman)
+                .then(|| Jobserver::new(options.jobs).ok())
+                .flatten(),
+            busy: AtomicUsize::new(0),
         }
     }
 
@@ -111,6 +130,8 @@ impl<'a> Context<'a> {
             return Status::Skipped(format!("needs {name}, which is skipped"));
         }
         let log = self.log(i);
+        self.busy.fetch_add(1, Ordering::SeqCst);
+        let _running = Running(&self.busy);
         let result = match &job.kind {
             JobKind::Base { base } => toolchain::ensure_base(
                 self.engine,
@@ -161,6 +182,13 @@ impl<'a> Context<'a> {
             kernel_has_rust: f.rust,
             deps: module.depends.iter().map(String::as_str).collect(),
             fingerprint: &self.fingerprints[i],
+            jobs: match &self.jobserver {
+                Some(js) => MakeJobs::Server(js),
+                None => {
+                    let others = self.busy.load(Ordering::SeqCst).saturating_sub(1);
+                    MakeJobs::Share(self.options.jobs.saturating_sub(others).max(1))
+                }
+            },
             log,
         };
         Ok(match compile.run()? {
@@ -186,7 +214,7 @@ impl<'a> Context<'a> {
                 Status::Done | Status::Fresh => {
                     let rec = Record::load(self.layout, kp.kver(), &m.name)
                         .with_context(|| format!("no build record for {}", m.name))?;
-                    built.push((m.name.clone(), rec.modules));
+                    built.push((m.name.clone(), rec));
                 }
                 Status::Skipped(_) => {}
                 _ => missing.push(m.name.as_str()),
@@ -356,8 +384,12 @@ impl<'a> Context<'a> {
         let fp = &self.fingerprints[i];
         match &self.plan.jobs[i].kind {
             JobKind::Compile { kernel, module } => {
-                let name = &self.plan.kernels[*kernel].modules[*module].name;
-                Record::fresh(self.layout, self.kver(*kernel), name, fp)
+                let kp = &self.plan.kernels[*kernel];
+                let m = kp.modules[*module];
+                if let Some(why) = self.plan.config.cannot_build(kp.kernel, m) {
+                    return Some(Status::Skipped(why));
+                }
+                Record::fresh(self.layout, kp.kver(), &m.name, fp)
                     .map(|r| r.skipped.map_or(Status::Fresh, Status::Skipped))
             }
             JobKind::Depmod { kernel } => {

@@ -93,6 +93,7 @@ impl Layout {
 
     /// Takes the output directory's lock for this process's lifetime. When another run
     /// holds it, waits (saying so through `waiting`) or, with `wait == false`, fails.
+    /// Then clears what a killed run left in the scratch folder.
     pub fn lock(&self, wait: bool, waiting: impl FnOnce(&str)) -> Result<OutputLock> {
         fs::create_dir_all(self.internal()).with_context(|| {
             format!(
@@ -135,6 +136,13 @@ impl Layout {
         }
         file.set_len(0)?;
         (&file).write_all(std::process::id().to_string().as_bytes())?;
+        // Whatever is in the scratch folder was left by a run that was killed: this run
+        // alone holds the directory now.
+        let tmp = self.internal().join("tmp");
+        if tmp.exists() {
+            fs::remove_dir_all(&tmp)
+                .with_context(|| format!("cannot clear {}", display_path(&tmp)))?;
+        }
         Ok(OutputLock { _file: file })
     }
 }

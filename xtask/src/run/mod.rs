@@ -4,6 +4,7 @@
 
 pub mod fingerprint;
 pub mod jobs;
+pub mod jobserver;
 pub mod layout;
 pub mod pipeline;
 pub mod progress;

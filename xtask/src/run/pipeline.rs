@@ -169,7 +169,7 @@ pub fn run(
     {
         engine.check()?;
     }
-    let results = schedule::run(tasks, options.jobs, reporter);
+    let results = schedule::run(tasks, options.jobs, cx.jobserver.as_ref(), reporter);
     report(&cx, results, needed, timings)
 }
 

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use crate::host::process;
 use crate::plan::JobLabel;
+use crate::run::jobserver::Jobserver;
 use crate::run::progress::{Reporter, Status};
 
 /// A task's work: receives the statuses of its `deps`, then of its `after` tasks.
@@ -68,31 +69,62 @@ impl<'s> Task<'s> {
     }
 }
 
-/// The outcome of each task, in task order, with the time it ran.
-pub fn run(tasks: Vec<Task<'_>>, jobs: usize, reporter: &dyn Reporter) -> Vec<(Status, Duration)> {
-    let mut s = Scheduler::new(tasks, jobs.max(1));
+/// What workers and the token helper tell the scheduling thread.
+enum Msg {
+    Done(usize, Status, Duration),
+    Token,
+}
+
+/// The outcome of each task, in task order, with the time it ran. With a jobserver,
+/// the first running task holds the implicit token and every other one a token from
+/// the pipe, so the makes inside jobs only get the cores no job holds.
+pub fn run(
+    tasks: Vec<Task<'_>>,
+    jobs: usize,
+    jobserver: Option<&Jobserver>,
+    reporter: &dyn Reporter,
+) -> Vec<(Status, Duration)> {
+    let mut s = Scheduler::new(tasks, jobs.max(1), jobserver);
     let to_run = s.tasks.iter().filter(|t| t.work.is_some()).count();
     reporter.start(to_run, s.tasks.len() - to_run);
-    let (tx, rx) = mpsc::channel::<(usize, Status, Duration)>();
+    let (tx, rx) = mpsc::channel::<Msg>();
+    let (want_tx, want_rx) = mpsc::channel::<()>();
     std::thread::scope(|scope| {
+        if let Some(js) = jobserver {
+            let tx = tx.clone();
+            scope.spawn(move || {
+                while want_rx.recv().is_ok() {
+                    if js.acquire().is_ok() && tx.send(Msg::Token).is_err() {
+                        let _ = js.release();
+                    }
+                }
+            });
+        }
         loop {
             s.settle_without_running(reporter);
-            for (i, work, deps) in s.start_ready() {
+            for (i, work, deps) in s.start_ready(&want_tx) {
                 reporter.job_started(&s.tasks[i].label);
                 let tx = tx.clone();
                 scope.spawn(move || {
                     let t = Instant::now();
                     let status = catch_unwind(AssertUnwindSafe(|| work(&deps)))
                         .unwrap_or_else(|panic| Status::Failed(panicked(panic.as_ref())));
-                    let _ = tx.send((i, status, t.elapsed()));
+                    let _ = tx.send(Msg::Done(i, status, t.elapsed()));
                 });
             }
             if s.running == 0 {
                 break;
             }
-            let (i, status, elapsed) = rx.recv().expect("a worker always reports");
-            s.finished(i, status, elapsed, reporter);
+            match rx.recv().expect("a worker always reports") {
+                Msg::Done(i, status, elapsed) => s.finished(i, status, elapsed, reporter),
+                Msg::Token => {
+                    s.tokens += 1;
+                    s.wanted = false;
+                }
+            }
         }
+        s.give_back_tokens(&rx);
+        drop(want_tx);
     });
     reporter.finish();
     s.results
@@ -110,17 +142,28 @@ fn panicked(payload: &(dyn std::any::Any + Send)) -> String {
     format!("kmodforge panicked in this job: {what} (a bug: please report it)")
 }
 
-struct Scheduler<'s> {
+struct Scheduler<'s, 'j> {
     tasks: Vec<Task<'s>>,
     priority: Vec<f64>,
     results: Vec<Option<(Status, Duration)>>,
     started: Vec<bool>,
     running: usize,
     limit: usize,
+    jobserver: Option<&'j Jobserver>,
+    /// Tokens taken from the pipe. Running tasks need one each but the first (which
+    /// runs on the implicit token); like cargo, tokens are not tied to a task, so
+    /// the last task running never holds one a make inside it could use.
+    tokens: usize,
+    /// A token was asked of the helper thread and has not come yet.
+    wanted: bool,
 }
 
-impl<'s> Scheduler<'s> {
-    fn new(tasks: Vec<Task<'s>>, limit: usize) -> Scheduler<'s> {
+impl<'s, 'j> Scheduler<'s, 'j> {
+    fn new(
+        tasks: Vec<Task<'s>>,
+        limit: usize,
+        jobserver: Option<&'j Jobserver>,
+    ) -> Scheduler<'s, 'j> {
         let n = tasks.len();
         Scheduler {
             priority: critical_path(&tasks),
@@ -129,7 +172,41 @@ impl<'s> Scheduler<'s> {
             started: vec![false; n],
             running: 0,
             limit,
+            jobserver,
+            tokens: 0,
+            wanted: false,
         }
+    }
+
+    /// Whether one more task may start now: the first runs on the implicit token,
+    /// each further one needs a spare token; without one, asks the helper for one.
+    fn has_token(&mut self, want: &mpsc::Sender<()>) -> bool {
+        if self.jobserver.is_none() || self.running == 0 || self.tokens > self.running - 1 {
+            return true;
+        }
+        if !self.wanted && want.send(()).is_ok() {
+            self.wanted = true;
+        }
+        false
+    }
+
+    /// At the end: waits for a token still coming (adding one to the pipe first, as a
+    /// killed make may have taken tokens it never gave back) and returns what it holds.
+    fn give_back_tokens(&mut self, rx: &mpsc::Receiver<Msg>) {
+        let Some(js) = self.jobserver else { return };
+        if self.wanted {
+            let _ = js.release();
+            while let Ok(msg) = rx.recv() {
+                if matches!(msg, Msg::Token) {
+                    break;
+                }
+            }
+            self.wanted = false;
+        }
+        for _ in 0..self.tokens {
+            let _ = js.release();
+        }
+        self.tokens = 0;
     }
 
     fn ready(&self, i: usize) -> bool {
@@ -175,15 +252,16 @@ impl<'s> Scheduler<'s> {
         }
     }
 
-    /// The most urgent ready tasks, as many as there are free threads, marked started.
-    fn start_ready(&mut self) -> Vec<(usize, Work<'s>, Vec<Status>)> {
+    /// The most urgent ready tasks, as many as there are free threads (and tokens),
+    /// marked started. Tokens no ready task needs go back to the pipe.
+    fn start_ready(&mut self, want: &mpsc::Sender<()>) -> Vec<(usize, Work<'s>, Vec<Status>)> {
         let ready: BTreeSet<(u64, std::cmp::Reverse<usize>)> = (0..self.tasks.len())
             .filter(|&i| self.ready(i))
             .map(|i| ((self.priority[i] * 1000.0) as u64, std::cmp::Reverse(i)))
             .collect();
         let mut out = Vec::new();
         for (_, std::cmp::Reverse(i)) in ready.into_iter().rev() {
-            if self.running >= self.limit {
+            if self.running >= self.limit || !self.has_token(want) {
                 break;
             }
             let work = self.tasks[i]
@@ -197,6 +275,14 @@ impl<'s> Scheduler<'s> {
             self.started[i] = true;
             self.running += 1;
             out.push((i, work, deps));
+        }
+        let waiting = (0..self.tasks.len()).any(|i| self.ready(i));
+        if let (Some(js), false) = (self.jobserver, waiting) {
+            let needed = self.running.saturating_sub(1);
+            while self.tokens > needed {
+                let _ = js.release();
+                self.tokens -= 1;
+            }
         }
         out
     }
@@ -248,7 +334,10 @@ mod tests {
             Task::settled(label("d"), (vec![2], vec![]), Status::Fresh),
             Task::run(label("e"), (vec![1], vec![]), 1.0, |_| Status::Done),
         ];
-        let out: Vec<Status> = run(tasks, 2, &Silent).into_iter().map(|r| r.0).collect();
+        let out: Vec<Status> = run(tasks, 2, None, &Silent)
+            .into_iter()
+            .map(|r| r.0)
+            .collect();
         assert_eq!(out[0], Status::Failed("boom".into()));
         assert!(matches!(&out[1], Status::DepFailed(m) if m.contains("needs a")));
         assert_eq!(out[2], Status::Done);
@@ -285,7 +374,7 @@ mod tests {
                 record("long-tail"),
             ),
         ];
-        let out = run(tasks, 1, &Silent);
+        let out = run(tasks, 1, None, &Silent);
         assert!(out.iter().all(|r| r.0 == Status::Done));
         assert_eq!(*order.lock().unwrap(), ["long-head", "long-tail", "short"]);
     }
@@ -310,7 +399,10 @@ mod tests {
             ),
             Task::run(label("other"), (vec![], vec![]), 1.0, |_| Status::Done),
         ];
-        let out: Vec<Status> = run(tasks, 2, &Silent).into_iter().map(|r| r.0).collect();
+        let out: Vec<Status> = run(tasks, 2, None, &Silent)
+            .into_iter()
+            .map(|r| r.0)
+            .collect();
         assert!(
             matches!(&out[0], Status::Failed(m) if m.contains("panicked") && m.contains("index out of range")),
             "{out:?}"
@@ -322,6 +414,42 @@ mod tests {
             "a soft dependency's failure is tolerated"
         );
         assert_eq!(out[3], Status::Done);
+    }
+
+    #[test]
+    fn with_a_jobserver_the_last_job_running_gets_every_token() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let js = Jobserver::new(2).unwrap();
+        let first_done = Arc::new(AtomicBool::new(false));
+        let seen = Mutex::new(Vec::new());
+        let (js_ref, seen_ref) = (&js, &seen);
+        let done = first_done.clone();
+        let tasks = vec![
+            Task::run(label("short"), (vec![], vec![]), 10.0, move |_| {
+                // Both run: the second holds the pipe's one token.
+                std::thread::sleep(Duration::from_millis(300));
+                seen_ref
+                    .lock()
+                    .unwrap()
+                    .push(("both running", js_ref.available()));
+                done.store(true, Ordering::SeqCst);
+                Status::Done
+            }),
+            Task::run(label("long"), (vec![], vec![]), 1.0, move |_| {
+                while !first_done.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                // Alone now: the token it started with went back for its make to take.
+                std::thread::sleep(Duration::from_millis(300));
+                seen_ref.lock().unwrap().push(("alone", js_ref.available()));
+                Status::Done
+            }),
+        ];
+        let out = run(tasks, 2, Some(&js), &Silent);
+        assert!(out.iter().all(|r| r.0 == Status::Done));
+        assert_eq!(*seen.lock().unwrap(), [("both running", 0), ("alone", 1)]);
+        assert_eq!(js.available(), 1, "every token is back in the pipe");
     }
 
     #[test]
@@ -341,7 +469,7 @@ mod tests {
                 })
             })
             .collect();
-        run(tasks, 3, &Silent);
+        run(tasks, 3, None, &Silent);
         assert!(peak.load(Ordering::SeqCst) <= 3);
         assert!(peak.load(Ordering::SeqCst) >= 2, "jobs should overlap");
     }

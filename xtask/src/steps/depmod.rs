@@ -1,20 +1,26 @@
 //! The depmod step: a kernel's staging tree, laid out as the kmod image holds it.
 //!
-//! All modules built for the kernel are gathered into a fresh
-//! `lib/modules/<kver>/`, `depmod -b` runs on it inside the kernel's toolchain (which
-//! holds kmod), and only then does the new tree replace `<out>/<kver>`. A kernel whose
-//! modules did not all build keeps its previous tree.
+//! Every module that built for the kernel is gathered into a fresh `lib/modules/<kver>/`
+//! (a DKMS package's under `updates/dkms/`, where Debian's DKMS installs them),
+//! `depmod -b` runs on it inside the kernel's toolchain (which holds kmod), and only then
+//! does the new tree replace `<out>/<kver>`. The unstripped modules go to
+//! `<out>/unstripped/<kver>/`, for crash analysis, never into an image. The record keeps
+//! each file's size and hash, so a run that finds nothing to rebuild still notices a
+//! tree that was changed or damaged since.
 
+use std::collections::BTreeMap;
 use std::fs;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
+use crate::formats::oci::sha256;
 use crate::host::engine::{Engine, Mount, Run};
-use crate::host::fs::copy_file;
-use crate::host::fs::{read_json, replace_dir, write_json};
-use crate::run::fingerprint::Fingerprint;
+use crate::host::fs::{copy_file, read_json, replace_dir, write_json};
+use crate::run::fingerprint::walk_files;
 use crate::run::layout::Layout;
+use crate::steps::compile::Record;
 
 /// The files depmod writes that kmodforge relies on (modprobe reads the `.bin`s).
 pub const DEPMOD_FILES: &[&str] = &[
@@ -29,53 +35,58 @@ pub const DEPMOD_FILES: &[&str] = &[
 #[derive(Serialize, Deserialize)]
 struct DepmodRecord {
     fingerprint: String,
+    /// Every file of `lib/modules/<kver>/`: size and SHA-256.
+    #[serde(default)]
+    files: BTreeMap<String, (u64, String)>,
 }
 
-/// The identity of a kernel's staging tree: its toolchain and each module's build.
-pub fn fingerprint(kver: &str, toolchain: &str, modules: &[(&str, &str)]) -> String {
-    let mut f = Fingerprint::new("depmod-v1");
-    f.field("kernel", kver).field("toolchain", toolchain);
-    for (name, fp) in modules {
-        f.field(name, fp);
-    }
-    f.finish()
-}
-
-fn record_path(layout: &Layout, kver: &str) -> std::path::PathBuf {
+fn record_path(layout: &Layout, kver: &str) -> PathBuf {
     layout.kernel_state(kver).join("depmod.json")
 }
 
-pub fn is_fresh(layout: &Layout, kver: &str, fingerprint: &str) -> bool {
-    let rec: Option<DepmodRecord> = read_json(&record_path(layout, kver));
-    rec.is_some_and(|r| r.fingerprint == fingerprint)
-        && layout.staging_modules(kver).join("modules.dep").is_file()
+/// Sizes and hashes of a tree's files.
+fn inventory(dir: &Path) -> Result<BTreeMap<String, (u64, String)>> {
+    let mut files = BTreeMap::new();
+    for rel in walk_files(dir)? {
+        let path = dir.join(&rel);
+        if path.is_symlink() {
+            continue;
+        }
+        let data = fs::read(&path)?;
+        files.insert(
+            rel.to_string_lossy().into_owned(),
+            (data.len() as u64, sha256(&data)),
+        );
+    }
+    Ok(files)
 }
 
-/// Builds the kernel's staging tree from the artifacts of `modules` (name and `.ko`
-/// file names) and swaps it into place.
+/// The staging tree is the one the last run made from these inputs, file for file.
+pub fn is_fresh(layout: &Layout, kver: &str, fingerprint: &str) -> bool {
+    let Some(rec) = read_json::<DepmodRecord>(&record_path(layout, kver)) else {
+        return false;
+    };
+    let dir = layout.staging_modules(kver);
+    rec.fingerprint == fingerprint
+        && dir.join("modules.dep").is_file()
+        && inventory(&dir).is_ok_and(|files| files == rec.files)
+}
+
+/// Builds the kernel's staging tree from the artifacts of `built` (each module's name
+/// and its compile record) and swaps it into place.
 pub fn run(
     engine: &Engine,
     layout: &Layout,
     kver: &str,
     image: &str,
-    modules: &[(String, Vec<String>)],
+    built: &[(String, Record)],
     fingerprint: &str,
-    log: &std::path::Path,
+    log: &Path,
 ) -> Result<()> {
     let scratch = layout.scratch("staging-")?;
     let moddir = scratch.path().join("lib/modules").join(kver);
-    fs::create_dir_all(&moddir)?;
-    let mut owner: std::collections::BTreeMap<&str, &str> = Default::default();
-    for (module, kos) in modules {
-        for ko in kos {
-            if let Some(other) = owner.insert(ko, module) {
-                bail!(
-                    "modules {other} and {module} both build {ko}: a kernel's modules need distinct names"
-                );
-            }
-            copy_file(&layout.artifacts(kver, module).join(ko), &moddir.join(ko))?;
-        }
-    }
+    let debug = layout.scratch("unstripped-")?;
+    gather(layout, kver, built, &moddir, debug.path())?;
     let run = Run {
         image,
         mounts: vec![Mount {
@@ -92,6 +103,7 @@ pub fn run(
             "/kmodforge/staging".into(),
             kver.into(),
         ],
+        pass_fds: vec![],
     };
     engine.run(&run).run_logged(log, None)?;
     for f in DEPMOD_FILES {
@@ -99,12 +111,47 @@ pub fn run(
             bail!("depmod did not write {f} in the staging tree of {kver}");
         }
     }
-    let dest = layout.staging(kver);
-    replace_dir(&scratch.keep(), &dest).context("cannot put the new staging tree in place")?;
+    let files = inventory(&moddir)?;
+    replace_dir(&scratch.keep(), &layout.staging(kver))
+        .context("cannot put the new staging tree in place")?;
+    replace_dir(&debug.keep(), &layout.out.join("unstripped").join(kver))?;
     write_json(
         &record_path(layout, kver),
         &DepmodRecord {
             fingerprint: fingerprint.into(),
+            files,
         },
     )
+}
+
+/// Copies every module that built to its place in `moddir`, and its unstripped twin to
+/// the same place under `debug`.
+fn gather(
+    layout: &Layout,
+    kver: &str,
+    built: &[(String, Record)],
+    moddir: &Path,
+    debug: &Path,
+) -> Result<()> {
+    let mut owner: BTreeMap<PathBuf, &str> = BTreeMap::new();
+    for (module, rec) in built {
+        let artifacts = layout.artifacts(kver, module);
+        for ko in &rec.modules {
+            let rel = Path::new(&rec.location).join(ko);
+            if let Some(other) = owner.insert(rel.clone(), module) {
+                bail!(
+                    "modules {other} and {module} both build {}: a kernel's modules need distinct names",
+                    rel.display()
+                );
+            }
+            for (from, to) in [
+                (artifacts.join(ko), moddir),
+                (artifacts.join("unstripped").join(ko), debug),
+            ] {
+                fs::create_dir_all(to.join(&rec.location))?;
+                copy_file(&from, &to.join(&rel))?;
+            }
+        }
+    }
+    Ok(())
 }

@@ -235,6 +235,7 @@ echo "the toolchain has neither /boot/vmlinuz-$k nor apt-get or dnf to fetch the
             "fetch-kernel".into(),
             kver.into(),
         ],
+        pass_fds: vec![],
     };
     engine
         .run(&run)

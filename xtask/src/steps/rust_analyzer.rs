@@ -83,6 +83,7 @@ fi
             kdir.into(),
             if exported { "keep" } else { "copy" }.into(),
         ],
+        pass_fds: vec![],
     };
     engine.run(&run).run_logged(log, None).with_context(|| {
         format!(

@@ -292,6 +292,13 @@ pub fn ensure(
         }
     }
     let facts = probe(engine, &image, &kernel_source_dir(tc, kver), kver, log)?;
+    if tc.rust && !facts.rust {
+        bail!(
+            "kernels.toml says toolchain {} builds Rust modules (rust = true), but kernel {kver} in {image} was built without CONFIG_RUST\n  \
+             help: remove rust = true, or use a toolchain whose kernel has CONFIG_RUST=y",
+            tc.name
+        );
+    }
     write_json(&facts_path, &facts)?;
     Ok(facts)
 }
@@ -350,6 +357,7 @@ fn probe(engine: &Engine, image: &str, kdir: &str, kver: &str, log: &Path) -> Re
             "kmodforge-probe".into(),
             kdir.into(),
         ],
+        pass_fds: vec![],
     };
     let out = engine
         .run(&run)
