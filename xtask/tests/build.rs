@@ -350,41 +350,10 @@ fn a_kernel_without_headers_in_the_archive_is_named_with_its_place() {
     assert!(p.moddir(K61).join("modules.dep").is_file(), "{}", r.all());
 }
 
-/// A project whose one module builds for five minutes, and a running `build-all` of it
-/// that has started the build's container.
-fn slow_build() -> (Project, std::process::Child) {
-    require("podman", "podman");
-    let p = Project::new(&[K61]);
-    p.write(
-        "kernels.toml",
-        &format!(
-            "{}[[kernel]]\nversion = \"{K61}\"\nmodules = [\"kmf_slow\"]\n",
-            toolchains_section()
-        ),
-    );
-    p.write("modules/kmf_slow/Kbuild", "obj-m := kmf_slow.o\n");
-    p.write(
-        "modules/kmf_slow/module.toml",
-        "make = [\"sleep\", \"300\"]\n",
-    );
-    let child = p
-        .xtask(&["--engine", "podman", "build-all"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    let appeared = wait_until(Duration::from_secs(300), || {
-        !containers_of("podman", pid).is_empty()
-    });
-    assert!(appeared, "the slow build's container never started");
-    (p, child)
-}
-
 /// Sends `signal` to the xtask process alone (not its group, as `timeout` or a CI
 /// cancel does) and checks it stops at once and leaves no container behind.
 fn interrupted_by(signal: &str) {
-    let (_p, mut child) = slow_build();
+    let (_p, mut child) = slow_build(K61);
     let pid = child.id();
     std::process::Command::new("kill")
         .args([&format!("-{signal}"), &pid.to_string()])
@@ -412,41 +381,6 @@ fn ctrl_c_stops_the_jobs_and_removes_their_containers() {
 #[test]
 fn sigterm_cleans_up_like_ctrl_c() {
     interrupted_by("TERM");
-}
-
-#[test]
-fn the_next_run_reaps_the_containers_of_a_killed_run() {
-    let (p, mut child) = slow_build();
-    let pid = child.id();
-    std::process::Command::new("kill")
-        .args(["-KILL", &pid.to_string()])
-        .status()
-        .unwrap();
-    child.wait().unwrap();
-    // kill -9 gives kmodforge no chance: its `podman run` dies with it (a parent-death
-    // signal), the container lives on, until the next run that asks the engine reaps it.
-    let left = containers_of("podman", pid);
-    assert!(!left.is_empty(), "the container should outlive a kill -9");
-    p.write(
-        "kernels.toml",
-        &format!(
-            "{}[[kernel]]\nversion = \"{K61}\"\nmodules = [\"kmf_hello\"]\n",
-            toolchains_section()
-        ),
-    );
-    p.run(&["--engine", "podman", "build-all"]).ok();
-    assert!(
-        containers_of("podman", pid).is_empty(),
-        "the killed run's containers were not reaped"
-    );
-    assert!(
-        !p.out().join(".kmodforge/tmp").exists()
-            || std::fs::read_dir(p.out().join(".kmodforge/tmp"))
-                .unwrap()
-                .next()
-                .is_none(),
-        "the killed run's scratch directories were not cleaned"
-    );
 }
 
 #[test]

@@ -21,7 +21,7 @@ fn columns(plan: &Plan) -> Vec<String> {
     for job in &plan.jobs {
         let names: Vec<String> = match &job.kind {
             JobKind::Compile { .. } => plan.config.modules.iter().map(|m| m.name.clone()).collect(),
-            JobKind::Base { .. } | JobKind::ImageBase => vec![],
+            JobKind::Base { .. } | JobKind::ImageBase | JobKind::Packages { .. } => vec![],
             other => vec![other.step().to_string()],
         };
         for n in names {

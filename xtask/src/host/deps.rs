@@ -75,6 +75,12 @@ pub const TEST: &[Package] = &[
         "time",
         "peak memory figures for `cargo xtask bench`",
     ),
+    pkg(
+        "binutils",
+        "readelf",
+        "readelf checks that modules are stripped",
+    ),
+    pkg("make", "make", "the jobserver test runs a real make"),
 ];
 
 /// An npm package the tests use, installed from its folder's package-lock.json.

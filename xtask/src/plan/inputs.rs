@@ -51,6 +51,11 @@ fn own_inputs(plan: &Plan, kind: &JobKind, f: &mut Fingerprint) -> Result<()> {
                 &toolchain::fingerprint(kp.toolchain, kp.kver())?,
             );
         }
+        JobKind::Packages { kernel, set } => {
+            for p in &plan.kernels[*kernel].package_sets[*set] {
+                f.field("package", p);
+            }
+        }
         JobKind::Compile { kernel, module } => {
             let m = plan.kernels[*kernel].modules[*module];
             f.field("module", &m.name);

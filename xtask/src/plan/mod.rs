@@ -92,11 +92,25 @@ pub struct KernelPlan<'c> {
     /// Modules this kernel does not build (its `modules` list or their `kernels`
     /// expression leaves them out).
     pub excluded: Vec<&'c Module>,
+    /// The distinct sets of extra toolchain packages its modules ask for: one derived
+    /// toolchain image each.
+    pub package_sets: Vec<Vec<String>>,
 }
 
 impl KernelPlan<'_> {
     pub fn kver(&self) -> &str {
         &self.kernel.version
+    }
+
+    /// The index in `package_sets` of module `m`'s packages, if it asks for any.
+    pub fn package_set(&self, m: usize) -> Option<usize> {
+        let wanted = package_names(self.modules[m]);
+        (!wanted.is_empty()).then(|| {
+            self.package_sets
+                .iter()
+                .position(|s| *s == wanted)
+                .expect("every module's set is planned")
+        })
     }
 
     pub fn module_index(&self, name: &str) -> Option<usize> {
@@ -110,6 +124,9 @@ pub enum JobKind {
     Base { base: Base },
     /// Build or pull kernel `kernel`'s toolchain image and probe it.
     Toolchain { kernel: usize },
+    /// Derive from the kernel's toolchain an image with the extra packages of set `set`
+    /// (an index into the kernel's `package_sets`).
+    Packages { kernel: usize, set: usize },
     /// Build module `module` (an index into the kernel's `modules`) for kernel `kernel`.
     Compile { kernel: usize, module: usize },
     /// Assemble kernel `kernel`'s staging tree from what built and run depmod on it.
@@ -134,6 +151,7 @@ impl JobKind {
         match self {
             JobKind::Base { .. } | JobKind::ImageBase => None,
             JobKind::Toolchain { kernel }
+            | JobKind::Packages { kernel, .. }
             | JobKind::Compile { kernel, .. }
             | JobKind::Depmod { kernel }
             | JobKind::Layer { kernel }
@@ -150,6 +168,7 @@ impl JobKind {
         match self {
             JobKind::Base { .. } => "base",
             JobKind::Toolchain { .. } => "toolchain",
+            JobKind::Packages { .. } => "packages",
             JobKind::Compile { .. } => "compile",
             JobKind::Depmod { .. } => "depmod",
             JobKind::Layer { .. } => "layer",
@@ -196,15 +215,26 @@ impl<'c> Plan<'c> {
         };
         let kernels = selected
             .into_iter()
-            .map(|kernel| KernelPlan {
-                kernel,
-                toolchain: &config.toolchains[&kernel.toolchain],
-                modules: config.modules_for(kernel),
-                excluded: config
-                    .modules
+            .map(|kernel| {
+                let modules = config.modules_for(kernel);
+                let mut package_sets: Vec<Vec<String>> = modules
                     .iter()
-                    .filter(|m| !config.selects(kernel, m))
-                    .collect(),
+                    .map(|m| package_names(m))
+                    .filter(|s| !s.is_empty())
+                    .collect();
+                package_sets.sort();
+                package_sets.dedup();
+                KernelPlan {
+                    kernel,
+                    toolchain: &config.toolchains[&kernel.toolchain],
+                    excluded: config
+                        .modules
+                        .iter()
+                        .filter(|m| !config.selects(kernel, m))
+                        .collect(),
+                    modules,
+                    package_sets,
+                }
             })
             .collect();
         let mut plan = Plan {
@@ -275,13 +305,25 @@ impl<'c> Plan<'c> {
         self.push(JobKind::Toolchain { kernel: k }, deps, vec![])
     }
 
-    /// The kernel's compile jobs (users after their exporters) and its depmod job,
-    /// which runs with whatever built unless the scope is all-or-nothing.
+    /// The kernel's derived toolchains, compile jobs (users after their exporters) and
+    /// its depmod job, which runs with whatever built unless the scope is all-or-nothing.
     fn add_build(&mut self, k: usize, toolchain: usize) -> usize {
+        let sets: Vec<usize> = (0..self.kernels[k].package_sets.len())
+            .map(|set| {
+                self.push(
+                    JobKind::Packages { kernel: k, set },
+                    vec![toolchain],
+                    vec![],
+                )
+            })
+            .collect();
         let mut compiles: Vec<usize> = Vec::new();
         for m in 0..self.kernels[k].modules.len() {
             let module = self.kernels[k].modules[m];
             let mut deps = vec![toolchain];
+            if let Some(set) = self.kernels[k].package_set(m) {
+                deps.push(sets[set]);
+            }
             for d in &module.depends {
                 let i = self.kernels[k]
                     .module_index(d)
@@ -313,6 +355,12 @@ impl<'c> Plan<'c> {
             .map(|k| self.kernels[k].kver().to_string());
         let name = match &job.kind {
             JobKind::Base { base } => format!("base {}", base.image),
+            JobKind::Packages { kernel, set } => {
+                format!(
+                    "packages {}",
+                    self.kernels[*kernel].package_sets[*set].join(",")
+                )
+            }
             JobKind::Compile { kernel, module } => {
                 self.kernels[*kernel].modules[*module].name.clone()
             }
@@ -328,6 +376,11 @@ impl<'c> Plan<'c> {
             .enumerate()
             .filter(move |(_, j)| j.kind.kernel() == Some(k))
     }
+}
+
+/// The names of the extra toolchain packages a module asks for, sorted.
+fn package_names(m: &Module) -> Vec<String> {
+    m.packages.iter().map(|p| p.name.clone()).collect()
 }
 
 /// How a job is named in progress lines, logs and the summary.

@@ -42,6 +42,8 @@ pub struct Context<'a> {
     pub provenance: Option<Provenance>,
     /// Each kernel's toolchain, once its job has probed it.
     facts: Vec<OnceLock<Facts>>,
+    /// The derived toolchains, by (kernel, package set).
+    derived: Mutex<BTreeMap<(usize, usize), Facts>>,
     base: OnceLock<BaseImage>,
     images: Vec<OnceLock<BuiltImage>>,
     /// Lines for the user about a job (an image's digest, a push), by job index.
@@ -70,6 +72,7 @@ impl<'a> Context<'a> {
             fingerprints,
             provenance,
             facts: (0..n).map(|_| OnceLock::new()).collect(),
+            derived: Mutex::new(BTreeMap::new()),
             base: OnceLock::new(),
             images: (0..n).map(|_| OnceLock::new()).collect(),
             details: Mutex::new(BTreeMap::new()),
@@ -88,6 +91,7 @@ impl<'a> Context<'a> {
             JobKind::Base { base } => normalize_tag(&base.image),
             JobKind::ImageBase => "image-base".into(),
             JobKind::LoadTest { .. } => "loadtest".into(),
+            JobKind::Packages { set, .. } => format!("packages-{set}"),
             _ => label.name,
         };
         self.layout
@@ -141,6 +145,7 @@ impl<'a> Context<'a> {
             )
             .map(|_| Status::Done),
             JobKind::Toolchain { kernel } => self.toolchain(*kernel, &log),
+            JobKind::Packages { kernel, set } => self.packages(i, *kernel, *set, &log),
             JobKind::Compile { kernel, module } => self.compile(i, *kernel, *module, &log),
             JobKind::Depmod { kernel } => self.depmod(i, *kernel, &deps[job.deps.len()..], &log),
             JobKind::Layer { kernel } => self.layer(i, *kernel),
@@ -168,10 +173,62 @@ impl<'a> Context<'a> {
         Ok(Status::Done)
     }
 
+    fn packages(&self, i: usize, k: usize, set: usize, log: &std::path::Path) -> Result<Status> {
+        let kp = &self.plan.kernels[k];
+        let packages = &kp.package_sets[set];
+        match toolchain::ensure_packages(
+            self.engine,
+            self.layout,
+            self.facts(k),
+            packages,
+            &self.fingerprints[i],
+            log,
+        ) {
+            Ok(facts) => {
+                self.derived
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert((k, set), facts);
+                Ok(Status::Done)
+            }
+            Err(e) => {
+                let missing = toolchain::missing_packages(log, packages);
+                if missing.is_empty() {
+                    return Err(e);
+                }
+                let wanted_at: Vec<String> = kp
+                    .modules
+                    .iter()
+                    .flat_map(|m| &m.packages)
+                    .filter(|p| missing.contains(&p.name))
+                    .map(|p| {
+                        format!(
+                            "{}: package {} does not exist in the archive of kernel {}'s toolchain",
+                            p.at,
+                            p.name,
+                            kp.kver()
+                        )
+                    })
+                    .collect();
+                Err(e.context(format!(
+                    "{}\n  help: check the package names (`apt-cache search <name>` in the toolchain), or remove them",
+                    wanted_at.join("\n")
+                )))
+            }
+        }
+    }
+
     fn compile(&self, i: usize, k: usize, m: usize, log: &std::path::Path) -> Result<Status> {
         let kp = &self.plan.kernels[k];
         let module = kp.modules[m];
-        let f = self.facts(k);
+        let derived;
+        let f = match kp.package_set(m) {
+            Some(set) => {
+                derived = self.derived.lock().unwrap_or_else(|e| e.into_inner())[&(k, set)].clone();
+                &derived
+            }
+            None => self.facts(k),
+        };
         let compile = Compile {
             engine: self.engine,
             layout: self.layout,

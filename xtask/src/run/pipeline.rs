@@ -100,13 +100,19 @@ pub fn jobs_to_run(plan: &Plan, stale: &[bool]) -> Vec<bool> {
             | JobKind::Push { .. }
             | JobKind::LoadTest { .. }
             | JobKind::Verify { .. } => true,
-            JobKind::Base { .. } | JobKind::Toolchain { .. } | JobKind::ImageBase => false,
+            JobKind::Base { .. }
+            | JobKind::Toolchain { .. }
+            | JobKind::Packages { .. }
+            | JobKind::ImageBase => false,
         };
         if needed[i] {
             for &d in job.deps.iter().chain(&job.after) {
                 if matches!(
                     plan.jobs[d].kind,
-                    JobKind::Toolchain { .. } | JobKind::Base { .. } | JobKind::ImageBase
+                    JobKind::Toolchain { .. }
+                        | JobKind::Packages { .. }
+                        | JobKind::Base { .. }
+                        | JobKind::ImageBase
                 ) {
                     needed[d] = true;
                 }
@@ -121,6 +127,7 @@ fn default_estimate(kind: &JobKind) -> f64 {
     match kind {
         JobKind::Base { .. } => 30.0,
         JobKind::Toolchain { .. } => 60.0,
+        JobKind::Packages { .. } => 20.0,
         JobKind::Compile { .. } => 5.0,
         JobKind::Depmod { .. } | JobKind::Layer { .. } | JobKind::Verify { .. } => 1.0,
         JobKind::ImageBase | JobKind::Image { .. } | JobKind::Push { .. } => 3.0,

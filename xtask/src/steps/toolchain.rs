@@ -303,6 +303,68 @@ pub fn ensure(
     Ok(facts)
 }
 
+/// The derived toolchain: the kernel's toolchain plus `packages`, installed with the
+/// image's own package manager (apt-get, else dnf). Tagged with the toolchain's tag and
+/// a fingerprint of the set, built once per machine; returns the toolchain's facts with
+/// the derived image.
+pub fn ensure_packages(
+    engine: &Engine,
+    layout: &Layout,
+    base: &Facts,
+    packages: &[String],
+    fingerprint: &str,
+    log: &Path,
+) -> Result<Facts> {
+    let (repo, tag) = base
+        .image
+        .rsplit_once(':')
+        .unwrap_or((&base.image, "latest"));
+    let image = format!("{repo}:{tag}-p{}", &fingerprint[..10]);
+    let facts = Facts {
+        image: image.clone(),
+        ..base.clone()
+    };
+    if engine.image_id(&image)?.is_some() {
+        return Ok(facts);
+    }
+    let _lock = machine_lock(&format!("{} {image}", engine.kind))?;
+    if engine.image_id(&image)?.is_some() {
+        return Ok(facts);
+    }
+    let list = packages.join(" ");
+    let recipe = format!(
+        "ARG TOOLCHAIN\nFROM ${{TOOLCHAIN}}\n\
+         RUN set -eu; if command -v apt-get >/dev/null; then apt-get update; \\\n\
+         DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends {list}; rm -rf /var/lib/apt/lists/*; \\\n\
+         elif command -v dnf >/dev/null; then dnf install -y {list}; dnf clean all; \\\n\
+         else echo 'the toolchain has neither apt-get nor dnf to install packages with' >&2; exit 1; fi\n"
+    );
+    let context = layout.scratch("packages-")?;
+    let containerfile = context.path().join("Containerfile");
+    std::fs::write(&containerfile, recipe)?;
+    let args = [("TOOLCHAIN".to_string(), base.image.clone())];
+    let labels = [("io.kmodforge.packages".to_string(), list.clone())];
+    engine
+        .build(&containerfile, context.path(), &image, &args, &labels)
+        .run_logged(log, None)
+        .with_context(|| format!("cannot add {list} to the toolchain {}", base.image))?;
+    Ok(facts)
+}
+
+/// The packages a failed package installation's log says the archive does not have.
+pub fn missing_packages(log: &Path, packages: &[String]) -> Vec<String> {
+    let tail = process::tail(log, 80).join("\n");
+    packages
+        .iter()
+        .filter(|p| {
+            tail.contains(&format!("Unable to locate package {p}"))
+                || tail.contains(&format!("Package '{p}' has no installation candidate"))
+                || tail.contains(&format!("No match for argument: {p}"))
+        })
+        .cloned()
+        .collect()
+}
+
 /// When a recipe failed because the archive has no headers for the kernel, says so and
 /// points at the kernel in kernels.toml.
 fn headers_hint(log: &Path, kernel: &Kernel) -> String {

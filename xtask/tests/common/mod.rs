@@ -228,6 +228,37 @@ pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     cond()
 }
 
+/// A project whose one module builds for five minutes, and a running `build-all` of it
+/// that has started the build's container.
+pub fn slow_build(kver: &str) -> (Project, std::process::Child) {
+    require("podman", "podman");
+    let p = Project::new(&[kver]);
+    p.write(
+        "kernels.toml",
+        &format!(
+            "{}[[kernel]]\nversion = \"{kver}\"\nmodules = [\"kmf_slow\"]\n",
+            toolchains_section()
+        ),
+    );
+    p.write("modules/kmf_slow/Kbuild", "obj-m := kmf_slow.o\n");
+    p.write(
+        "modules/kmf_slow/module.toml",
+        "make = [\"sleep\", \"300\"]\n",
+    );
+    let child = p
+        .xtask(&["--engine", "podman", "build-all"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let appeared = wait_until(std::time::Duration::from_secs(300), || {
+        !containers_of("podman", pid).is_empty()
+    });
+    assert!(appeared, "the slow build's container never started");
+    (p, child)
+}
+
 /// Containers that the kmodforge process `pid` started, as the engine lists them.
 pub fn containers_of(engine: &str, pid: u32) -> Vec<String> {
     let filter = format!("label=kmodforge.pid={pid}");

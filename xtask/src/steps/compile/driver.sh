@@ -10,7 +10,9 @@
 # Module.symvers, and a manifest (tab-separated lines: "package NAME VERSION" and
 # "module FILE BUILT-PATH STRIPPED LOCATION"). Exit 77 with out/skip is a skip (DKMS's
 # BUILD_EXCLUSIVE); any other failure writes one line to out/error (what, and where).
-set -uo pipefail
+#
+# No `set -u` or `pipefail`: package code (dkms.conf, MAKE, PRE_BUILD) runs in the shell
+# options DKMS gives it.
 out=/kmodforge/out
 mkdir -p "$out/modules" "$out/unstripped"
 : > "$out/manifest"
@@ -48,7 +50,7 @@ kbuild() {
 	cd "$build" || exit 1
 	"$@"
 	local status=$?
-	[ "$status" -eq 0 ] || fail 10 "the build command failed with exit status $status"
+	[ "$status" -eq 0 ] || fail 10 "the build command failed with exit status: $status"
 	if [ -n "${KMF_BUILT:-}" ]; then
 		while IFS= read -r f; do
 			[ -n "$f" ] || continue
@@ -186,24 +188,31 @@ run_script() {
 	echo "kmodforge: running $what: $script"
 	( cd "$build" && eval "$build/$script" )
 	status=$?
-	[ "$status" -eq 0 ] || fail 10 "$what \"$script\" failed with exit status $status"
+	[ "$status" -eq 0 ] || fail 10 "$what \"$script\" failed with exit status: $status"
 }
 
 dkms() {
 	export kernelver kernel_source_dir arch dkms_tree=/var/lib/dkms source_tree=/usr/src install_tree=/lib/modules
 	arch=$(uname -m)
 	kernel_config=$kernel_source_dir/.config
-	[ -f "$kernel_source_dir/include/config/auto.conf" ] && kernel_config=$kernel_source_dir/include/config/auto.conf
-	local conf=/kmodforge/src/dkms.conf
+	local conf=/kmodforge/src/dkms.conf crlf=""
 	if grep -q $'\r' "$conf"; then
-		conf=$(mktemp) && tr -d '\r' < /kmodforge/src/dkms.conf > "$conf"
+		crlf=$(mktemp) && tr -d '\r' < "$conf" > "$crlf" && conf=$crlf
 	fi
 	bash -n "$conf" 2> /tmp/kmodforge-syntax || fail 8 "dkms.conf is not valid bash: $(head -n1 /tmp/kmodforge-syntax)"
-	module="" module_version="" 
+	# The first read finds the package's name and version (as `dkms add` does); the
+	# second, the one the build uses, reads it where DKMS does.
+	module="" module_version=""
 	cd /kmodforge/src || exit 1
 	read_conf "$conf"
-	module=${PACKAGE_NAME:-} module_version=${PACKAGE_VERSION:-}
-	read_conf "$conf"
+	[ -n "${PACKAGE_NAME:-}" ] || fail 8 "dkms.conf sets no PACKAGE_NAME"
+	[ -n "${PACKAGE_VERSION:-}" ] || fail 8 "dkms.conf sets no PACKAGE_VERSION"
+	module=$PACKAGE_NAME module_version=$PACKAGE_VERSION
+	build=$dkms_tree/$module/$module_version/build
+	mkdir -p "$source_tree" "$(dirname "$build")"
+	ln -sfn /kmodforge/src "$source_tree/$module-$module_version"
+	ln -sfn "$source_tree/$module-$module_version" "$dkms_tree/$module/$module_version/source"
+	read_conf "${crlf:-$dkms_tree/$module/$module_version/source/dkms.conf}"
 	check_conf
 	printf 'package\t%s\t%s\n' "$PACKAGE_NAME" "$PACKAGE_VERSION" >> "$out/manifest"
 	local why
@@ -211,11 +220,7 @@ dkms() {
 	[ -z "$why" ] || skip "$why"
 	[ -d "$kernel_source_dir/include" ] || fail 1 "no kernel headers at $kernel_source_dir"
 
-	build=$dkms_tree/$PACKAGE_NAME/$PACKAGE_VERSION/build
-	mkdir -p "$source_tree" "$(dirname "$build")"
-	ln -sfn /kmodforge/src "$source_tree/$PACKAGE_NAME-$PACKAGE_VERSION"
-	ln -sfn "$source_tree/$PACKAGE_NAME-$PACKAGE_VERSION" "$dkms_tree/$PACKAGE_NAME/$PACKAGE_VERSION/source"
-	cp -a /kmodforge/src/. "$build/" || fail 1 "cannot copy the package's sources"
+	mkdir -p "$build" && cp -a /kmodforge/src/. "$build/" || fail 1 "cannot copy the package's sources"
 	cd "$build" || exit 1
 
 	local i p
@@ -233,12 +238,16 @@ dkms() {
 	if [ -n "$cc" ] && command -v "$cc" > /dev/null; then export CC=$cc; fi
 	[ -z "${PRE_BUILD:-}" ] || run_script PRE_BUILD "$PRE_BUILD"
 
+	# CLEAN runs first, output and status ignored, as bookworm's DKMS 3.0 does.
+	local clean=${CLEAN:-make -C $kernel_source_dir M=$build clean}
+	( eval "$clean" ) > /dev/null 2>&1
+
 	local cmd status
 	cmd=$(make_command)
 	echo "kmodforge: $cmd"
 	( eval "$cmd" )
 	status=$?
-	[ "$status" -eq 0 ] || fail 10 "MAKE failed with exit status $status: $cmd"
+	[ "$status" -eq 0 ] || fail 10 "MAKE failed with exit status: $status: $cmd"
 	for ((i = 0; i < count; i++)); do
 		f=${built_location[i]}${built_name[i]}.ko
 		[ -f "$f" ] || fail 7 "the build did not make $f, which dkms.conf lists (BUILT_MODULE_NAME[$i]${BUILT_MODULE_LOCATION[i]:+, BUILT_MODULE_LOCATION[$i]})"

@@ -1,0 +1,249 @@
+//! DKMS packages built unchanged: the 47 test packages of tests/fixtures/dkms (each
+//! validated against Debian's own dkms 3.0.10, see its README.md) built by kmodforge for
+//! a 6.1 and a 6.12 Debian kernel, outcome for outcome, module for module.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+
+fn fixtures() -> PathBuf {
+    repo_root().join("xtask/tests/fixtures/dkms")
+}
+
+/// Where kmodforge deliberately does what DKMS 3.1+ does, not bookworm's 3.0.10: the
+/// case, the kernel outcome and exit status kmodforge gives, and why.
+const NEWER_DKMS: &[(&str, &str, i32, &str)] = &[
+    (
+        "bash-syntax-error",
+        "failed",
+        8,
+        "a dkms.conf that is not valid bash is an error, not a half-read file",
+    ),
+    (
+        "crlf",
+        "built",
+        0,
+        "a trailing \\r is dropped, as DKMS 3.1.5+ does: CRLF files work (module kmftest_crlf, stripped)",
+    ),
+    (
+        "patch-dotdot",
+        "failed",
+        5,
+        "a PATCH that leaves patches/ is refused, as DKMS 3.1.2+ does",
+    ),
+    (
+        "pre-build-fails",
+        "failed",
+        10,
+        "a failing PRE_BUILD fails the build, as DKMS 3.1.5+ does",
+    ),
+    (
+        "pre-build-not-executable",
+        "failed",
+        10,
+        "PRE_BUILD runs as DKMS 3.1.5+ runs it; a script that cannot run fails",
+    ),
+    (
+        "pre-build-sh-prefix",
+        "failed",
+        10,
+        "PRE_BUILD is a path in the build dir (3.1.5+): `sh gen.sh` names no script",
+    ),
+    (
+        "post-build",
+        "failed",
+        10,
+        "a failing POST_BUILD fails the build, as DKMS 3.1.7+ does",
+    ),
+];
+
+#[derive(Debug, serde::Deserialize)]
+struct Expect {
+    case: String,
+    kernel: Vec<KernelExpect>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct KernelExpect {
+    version: String,
+    outcome: String,
+    exit: i32,
+    #[serde(default)]
+    modules: Vec<String>,
+    #[serde(default)]
+    stripped: Vec<String>,
+    #[serde(default)]
+    modinfo: BTreeMap<String, BTreeMap<String, String>>,
+}
+
+/// What kmodforge did with a (case, kernel): its outcome, the failure's exit status,
+/// and the installed module files (name -> path).
+fn outcome(
+    p: &Project,
+    r: &Run,
+    case: &str,
+    kver: &str,
+) -> (String, i32, BTreeMap<String, PathBuf>) {
+    let failed = format!("error: {case} @ {kver} failed:");
+    if let Some(at) = r.stderr.find(&failed) {
+        let block = &r.stderr[at..];
+        let block = &block[..block[1..].find("\nerror: ").map_or(block.len(), |e| e + 1)];
+        let exit = block
+            .split("exit status: ")
+            .nth(1)
+            .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(-1);
+        return ("failed".into(), exit, BTreeMap::new());
+    }
+    if r.stderr
+        .contains(&format!("note: {case} @ {kver} skipped:"))
+    {
+        return ("skipped".into(), 77, BTreeMap::new());
+    }
+    let dir = p
+        .out()
+        .join(".kmodforge/kernels")
+        .join(kver)
+        .join("modules")
+        .join(case)
+        .join("artifacts");
+    let rec: serde_json::Value = serde_json::from_str(
+        &fs::read_to_string(
+            p.out()
+                .join(".kmodforge/kernels")
+                .join(kver)
+                .join("modules")
+                .join(case)
+                .join("record.json"),
+        )
+        .unwrap_or_else(|e| panic!("{case} @ {kver}: no record ({e})\n{}", r.all())),
+    )
+    .unwrap();
+    let files = rec["modules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            let file = m.as_str().unwrap();
+            (file.trim_end_matches(".ko").to_string(), dir.join(file))
+        })
+        .collect();
+    ("built".into(), 0, files)
+}
+
+fn has_debug_info(ko: &Path) -> bool {
+    require("readelf", "binutils");
+    let out = Command::new("readelf")
+        .args(["-S", "-W"])
+        .arg(ko)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "readelf {}", ko.display());
+    String::from_utf8_lossy(&out.stdout).contains(".debug_info")
+}
+
+#[test]
+fn the_dkms_test_packages_build_as_dkms_builds_them() {
+    require("podman", "podman");
+    let p = Project::new(&[K61, K612]);
+    fs::remove_dir_all(p.path().join("modules")).unwrap();
+    let mut cases = Vec::new();
+    for entry in fs::read_dir(fixtures()).unwrap() {
+        let dir = entry.unwrap().path();
+        if !dir.join("expect.toml").is_file() {
+            continue;
+        }
+        let expect: Expect =
+            toml::from_str(&fs::read_to_string(dir.join("expect.toml")).unwrap()).unwrap();
+        copy_tree(&dir, &p.path().join("modules").join(&expect.case));
+        fs::remove_file(
+            p.path()
+                .join("modules")
+                .join(&expect.case)
+                .join("expect.toml"),
+        )
+        .unwrap();
+        cases.push(expect);
+    }
+    assert!(cases.len() >= 45, "{} cases", cases.len());
+    let r = p.run(&["--engine", "podman", "build-all"]);
+
+    let mut compared = 0;
+    for case in &cases {
+        for k in &case.kernel {
+            let (got, exit, files) = outcome(&p, &r, &case.case, &k.version);
+            let (want, want_exit) = match NEWER_DKMS.iter().find(|d| d.0 == case.case) {
+                Some((_, outcome, exit, _)) => (outcome.to_string(), *exit),
+                None => (k.outcome.clone(), k.exit),
+            };
+            let at = format!("{} @ {}", case.case, k.version);
+            assert_eq!(
+                (got.as_str(), exit),
+                (want.as_str(), want_exit),
+                "{at}\n{}",
+                r.all()
+            );
+            compared += 1;
+            if got != "built" {
+                continue;
+            }
+            let names: Vec<&String> = files.keys().collect();
+            // The one built case 3.0.10 fails (crlf): what 3.1.5+ builds from it.
+            let (modules, stripped) = if k.outcome == "built" {
+                (k.modules.clone(), k.stripped.clone())
+            } else {
+                (
+                    vec![format!("kmftest_{}", case.case)],
+                    vec![format!("kmftest_{}", case.case)],
+                )
+            };
+            let mut expected: Vec<&String> = modules.iter().collect();
+            expected.sort();
+            assert_eq!(names, expected, "{at}: modules");
+            for (name, ko) in &files {
+                assert_eq!(
+                    !has_debug_info(ko),
+                    stripped.contains(name),
+                    "{at}: {name} stripped?"
+                );
+                // The unstripped module is kept, outside the tree an image is made from.
+                let debug = ko
+                    .parent()
+                    .unwrap()
+                    .join("unstripped")
+                    .join(ko.file_name().unwrap());
+                assert!(
+                    has_debug_info(&debug),
+                    "{at}: {} keeps its debug info",
+                    debug.display()
+                );
+                for (field, value) in k.modinfo.get(name).into_iter().flatten() {
+                    assert_eq!(
+                        &modinfo(ko, field),
+                        value,
+                        "{at}: modinfo {field} of {name}"
+                    );
+                }
+            }
+        }
+    }
+    assert_eq!(compared, cases.len() * 2, "every case on both kernels");
+    // Several test packages build a module of the same name, as two real packages may:
+    // one kernel tree cannot hold both, and kmodforge says which.
+    for kver in [K61, K612] {
+        assert!(
+            r.stderr
+                .contains(&format!("error: depmod @ {kver} failed: modules "))
+                && r.stderr.contains("both build updates/dkms/kmftest_")
+                && r.stderr.contains("a kernel's modules need distinct names"),
+            "{}",
+            r.all()
+        );
+    }
+}
