@@ -247,3 +247,80 @@ fn the_dkms_test_packages_build_as_dkms_builds_them() {
         );
     }
 }
+
+#[derive(Debug, serde::Deserialize)]
+struct Oracle {
+    package: Vec<OraclePackage>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct OraclePackage {
+    deb: String,
+    source_dir: String,
+    result: Vec<OracleResult>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct OracleResult {
+    kernel: String,
+    outcome: String,
+    modules: Vec<String>,
+}
+
+/// The real packages this test builds: every package of the oracle but openafs (a
+/// 5-minute build, left to the benchmark) and west-chamber (it builds against another
+/// package's sources, xtables-addons-dkms, installed on the host).
+const LEFT_OUT: &[&str] = &["openafs-modules-dkms", "west-chamber-dkms"];
+
+#[test]
+fn real_debian_dkms_packages_build_where_dkms_builds_them() {
+    require("podman", "podman");
+    let oracle: Oracle = toml::from_str(
+        &fs::read_to_string(repo_root().join("xtask/tests/dkms/oracle.toml")).unwrap(),
+    )
+    .unwrap();
+    let p = Project::new(&[K61, K612]);
+    fs::remove_dir_all(p.path().join("modules")).unwrap();
+    let packages: Vec<&OraclePackage> = oracle
+        .package
+        .iter()
+        .filter(|pkg| !LEFT_OUT.contains(&pkg.deb.as_str()))
+        .collect();
+    assert!(packages.len() >= 5);
+    for pkg in &packages {
+        // Copied unchanged, folder name and all, as from /usr/src.
+        let src = debian_dkms_source(&pkg.deb, &pkg.source_dir);
+        copy_tree(&src, &p.path().join("modules").join(&pkg.source_dir));
+    }
+    let r = p.run(&["--engine", "podman", "build-all"]);
+    let mut table = Vec::new();
+    for pkg in &packages {
+        for kver in [K61, K612] {
+            let want = pkg.result.iter().find(|x| x.kernel == kver).unwrap();
+            let (got, _, files) = outcome(&p, &r, &pkg.source_dir, kver);
+            table.push(format!(
+                "{} @ {kver}: dkms {}, kmodforge {got}",
+                pkg.deb, want.outcome
+            ));
+            assert_eq!(got, want.outcome, "{} @ {kver}\n{}", pkg.deb, r.all());
+            let mut built: Vec<&String> = files.keys().collect();
+            let mut expected: Vec<&String> = want.modules.iter().collect();
+            built.sort();
+            expected.sort();
+            assert_eq!(built, expected, "{} @ {kver}: modules", pkg.deb);
+        }
+    }
+    eprintln!("{}", table.join("\n"));
+    // Every kernel ships what built: the 6.12 tree holds the packages that built there
+    // and none of the failed ones, and depmod ran on it.
+    let dep = fs::read_to_string(p.moddir(K612).join("modules.dep")).unwrap();
+    assert!(dep.contains("updates/dkms/bbswitch.ko:"), "{dep}");
+    assert!(!dep.contains("ddcci"), "{dep}");
+    assert_eq!(
+        r.code,
+        Some(1),
+        "failures are still a failed run:\n{}",
+        r.all()
+    );
+}

@@ -119,16 +119,17 @@ struct RawToolchainNeeds {
 }
 
 static NAME: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(r"^[A-Za-z0-9_][A-Za-z0-9_-]*$").unwrap());
+    LazyLock::new(|| Regex::new(r"^[A-Za-z0-9_][A-Za-z0-9_.+~-]*$").unwrap());
 
-/// Module names are folder names: letters, digits, `_` and `-`, so never a path.
+/// Module names are folder names: letters, digits, `_`, `-`, `.`, `+` and `~` (a DKMS
+/// package folder is `<name>-<version>`, e.g. `dpdk-kmods-0~20220829+git`), so never a path.
 pub fn check_name(name: &str) -> Result<(), String> {
     if NAME.is_match(name) {
         Ok(())
     } else {
         Err(format!(
             "{name:?} is not a valid module name: a module is a folder directly in modules/, \
-             named with letters, digits, '_' and '-' only (no '/', no '..')"
+             named with letters, digits and '_', '-', '.', '+', '~' (no '/', no '..', not starting with '.' or '-')"
         ))
     }
 }
@@ -611,7 +612,8 @@ mod tests {
     #[test]
     fn names_are_folder_names() {
         assert!(check_name("kmf_hello-2").is_ok());
-        for bad in ["", "..", "a/b", "a b", ".x", "é"] {
+        assert!(check_name("evdi-1.14.1+dfsg").is_ok());
+        for bad in ["", "..", "a/b", "a b", ".x", "é", "-x"] {
             assert!(check_name(bad).is_err(), "{bad}");
         }
     }

@@ -118,19 +118,17 @@ impl<'a> Context<'a> {
     /// Runs job `i`, given the statuses of its dependencies (hard, then soft).
     pub fn work(&self, i: usize, deps: &[Status]) -> Status {
         let job = &self.plan.jobs[i];
-        // A skip propagates as a skip: what needs a skipped job is skipped too.
-        if let Some(Status::Skipped(_)) = deps[..job.deps.len()]
-            .iter()
-            .find(|s| matches!(s, Status::Skipped(_)))
-        {
-            let d = job
+        // A skip propagates as a skip: what needs a skipped job is skipped too (depmod
+        // builds a tree of what built, skips included, and decides for itself).
+        let hard = &deps[..job.deps.len()];
+        if !matches!(job.kind, JobKind::Depmod { .. })
+            && let Some((d, _)) = job
                 .deps
                 .iter()
-                .zip(deps)
-                .find(|(_, s)| matches!(s, Status::Skipped(_)));
-            let name = d
-                .map(|(d, _)| self.plan.label(&self.plan.jobs[*d]).name)
-                .unwrap_or_default();
+                .zip(hard)
+                .find(|(_, s)| matches!(s, Status::Skipped(_)))
+        {
+            let name = self.plan.label(&self.plan.jobs[*d]).name;
             return Status::Skipped(format!("needs {name}, which is skipped"));
         }
         let log = self.log(i);
@@ -147,7 +145,9 @@ impl<'a> Context<'a> {
             JobKind::Toolchain { kernel } => self.toolchain(*kernel, &log),
             JobKind::Packages { kernel, set } => self.packages(i, *kernel, *set, &log),
             JobKind::Compile { kernel, module } => self.compile(i, *kernel, *module, &log),
-            JobKind::Depmod { kernel } => self.depmod(i, *kernel, &deps[job.deps.len()..], &log),
+            // Its compiles' statuses, whether hard (all-or-nothing) or soft dependencies:
+            // everything after the toolchain's.
+            JobKind::Depmod { kernel } => self.depmod(i, *kernel, &deps[1..], &log),
             JobKind::Layer { kernel } => self.layer(i, *kernel),
             JobKind::ImageBase => self.image_base(&log),
             JobKind::Image { kernel } => self.image(i, *kernel, &log),

@@ -525,3 +525,44 @@ pub fn read_layout(dir: &Path) -> LayoutImage {
         blobs,
     }
 }
+
+/// The source folder of a real Debian `*-dkms` package, as it would sit in
+/// `/usr/src/<source_dir>`: fetched with `apt-get download` (once per machine, kept
+/// under target/) and unpacked with `dpkg-deb -x`, never committed.
+pub fn debian_dkms_source(deb: &str, source_dir: &str) -> PathBuf {
+    require("apt-get", "apt");
+    require("dpkg-deb", "dpkg");
+    let cache = repo_root().join("target/dkms-packages").join(deb);
+    let src = cache.join("x/usr/src").join(source_dir);
+    if src.join("dkms.conf").is_file() {
+        return src;
+    }
+    fs::create_dir_all(&cache).unwrap();
+    let got = Command::new("apt-get")
+        .args(["download", "-q", deb])
+        .current_dir(&cache)
+        .output()
+        .unwrap();
+    assert!(
+        got.status.success(),
+        "apt-get download {deb}: {}",
+        String::from_utf8_lossy(&got.stderr)
+    );
+    let file = fs::read_dir(&cache)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .expect("the downloaded .deb");
+    let ok = Command::new("dpkg-deb")
+        .arg("-x")
+        .arg(&file)
+        .arg(cache.join("x"))
+        .status()
+        .unwrap()
+        .success();
+    assert!(
+        ok && src.join("dkms.conf").is_file(),
+        "{deb} has no {source_dir}/dkms.conf"
+    );
+    src
+}

@@ -209,8 +209,9 @@ dkms() {
 	[ -n "${PACKAGE_VERSION:-}" ] || fail 8 "dkms.conf sets no PACKAGE_VERSION"
 	module=$PACKAGE_NAME module_version=$PACKAGE_VERSION
 	build=$dkms_tree/$module/$module_version/build
+	# /usr/src/<name>-<version> is the package's own copy, writable as on a DKMS host.
 	mkdir -p "$source_tree" "$(dirname "$build")"
-	ln -sfn /kmodforge/src "$source_tree/$module-$module_version"
+	cp -a /kmodforge/src "$source_tree/$module-$module_version" || fail 1 "cannot copy the package's sources"
 	ln -sfn "$source_tree/$module-$module_version" "$dkms_tree/$module/$module_version/source"
 	read_conf "${crlf:-$dkms_tree/$module/$module_version/source/dkms.conf}"
 	check_conf
