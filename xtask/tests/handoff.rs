@@ -141,6 +141,44 @@ fn the_matrix_lists_kernels_and_only_what_changed_since_a_revision() {
         names(&matrix(&p, &["--changed-since", base])),
         ["6.1.0-56-amd64"]
     );
+    // The image base changed, in a commit: every kernel's image changes.
+    let commit = |p: &Project, msg: &str| {
+        for args in [
+            vec!["add", "-A"],
+            vec![
+                "-c",
+                "user.name=k",
+                "-c",
+                "user.email=k@kmodforge.invalid",
+                "commit",
+                "-q",
+                "-m",
+                msg,
+            ],
+        ] {
+            assert!(
+                Command::new("git")
+                    .arg("-C")
+                    .arg(p.path())
+                    .args(&args)
+                    .status()
+                    .unwrap()
+                    .success()
+            );
+        }
+    };
+    commit(&p, "a kernel");
+    let toml = fs::read_to_string(p.path().join("kernels.toml")).unwrap();
+    p.write(
+        "kernels.toml",
+        &format!("{toml}[image]\nbase = \"busybox\"\n"),
+    );
+    commit(&p, "another image base");
+    assert_eq!(
+        names(&matrix(&p, &["--changed-since", "HEAD~1"])),
+        [K61, K612, "6.1.0-56-amd64"]
+    );
+    p.write("kernels.toml", &toml);
     // A module that only 6.1 builds changed: 6.1 only.
     p.write("modules/kmf_only61/Kbuild", "obj-m := kmf_only61.o\n");
     p.write(

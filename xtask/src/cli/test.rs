@@ -68,7 +68,7 @@ pub(super) fn run(cli: &Cli, config: crate::config::Config, args: &TestArgs) -> 
         }
     }
     print!("{}", table(&rows));
-    let failed = rows.iter().filter(|(_, v)| v.reason.is_some()).count();
+    let failed = rows.iter().filter(|(_, v)| v.failed()).count();
     if failed > 0 {
         eprintln!("\n{failed} load test failure(s)");
     }
@@ -91,11 +91,7 @@ fn table(rows: &[(String, loadtest::Verdict)]) -> String {
             v.module.clone(),
             yes(v.loaded).into(),
             yes(v.unloaded).into(),
-            if v.reason.is_none() {
-                "PASS".into()
-            } else {
-                "FAIL".into()
-            },
+            v.result().into(),
             v.reason.clone().unwrap_or_default(),
         ]);
     }

@@ -8,7 +8,6 @@
 //! kernel without a toolchain or a module name that is not a folder in `modules/`.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::LazyLock;
 
@@ -57,6 +56,19 @@ pub struct ImageSettings {
     /// initramfs): a suite and APT source lines (none: mmdebstrap's default mirror).
     pub busybox_suite: String,
     pub busybox_sources: Vec<String>,
+    /// When the image gets KMM's link `<prefix>/lib/modules/<kver>/host ->
+    /// /lib/modules/<kver>` to the node's in-tree modules.
+    pub host_link: HostLink,
+}
+
+/// `[image] host-link`: KMM's way for modules that need the kernel's own modules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HostLink {
+    /// When a module of the tree depends on a module the tree does not hold.
+    Auto,
+    Always,
+    Never,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -186,7 +198,7 @@ struct RawFile {
     #[serde(default)]
     kmm: RawKmm,
     #[serde(default)]
-    registries: BTreeMap<String, RegistryTls>,
+    registries: BTreeMap<Spanned<String>, RegistryTls>,
 }
 
 #[derive(Deserialize, Default)]
@@ -194,6 +206,7 @@ struct RawFile {
 struct RawImage {
     name: Option<Spanned<String>>,
     prefix: Option<Spanned<String>>,
+    host_link: Option<HostLink>,
     base: Option<Spanned<String>>,
     source: Option<String>,
     busybox: Option<RawBusybox>,
@@ -271,111 +284,12 @@ impl Config {
     ) -> Result<Config, Diagnostics> {
         let raw: RawFile = source.parse()?;
         let mut diags = Diagnostics::default();
-        let err = |span: &Range<usize>, msg: String| source.error(span, msg);
-
-        let mut toolchains = BTreeMap::new();
-        for (name, t) in &raw.toolchains {
-            if !TOOLCHAIN_NAME.is_match(name) {
-                diags.push(
-                    err(&t.span(), format!("toolchain name {name:?} is not valid"))
-                        .help("use lowercase letters, digits, '-' and '_' (it becomes part of an image name)"),
-                );
-                continue;
-            }
-            match toolchain(source, root, name, t) {
-                Ok(tc) => {
-                    toolchains.insert(name.clone(), tc);
-                }
-                Err(d) => diags.push(d),
-            }
-        }
-
-        share_bootstraps(&mut toolchains, &mut diags);
-        let default_toolchain = raw.defaults.toolchain.as_ref();
-        if let Some(t) = default_toolchain
-            && !raw.toolchains.contains_key(t.get_ref())
-        {
-            diags.push(unknown_toolchain(source, t, &raw.toolchains));
-        }
-
-        if raw.kernel.is_empty() {
-            diags.push(
-                Diagnostic::new(format!("{} lists no kernels", display_path(&source.path)))
-                    .help("add a [[kernel]] table with version = \"<uname -r of the kernel>\""),
-            );
-        }
-
+        let toolchains = toolchains(source, root, &raw, &mut diags);
         let module_names: BTreeSet<&str> = modules.iter().map(|m| m.name.as_str()).collect();
-        let mut seen: BTreeMap<String, Location> = BTreeMap::new();
-        let mut kernels = Vec::new();
-        for k in &raw.kernel {
-            let version = &k.get_ref().version;
-            let kver = version.get_ref().trim();
-            let at = source.location(&version.span());
-            if kver.is_empty() {
-                diags.push(
-                    err(&version.span(), "kernel version is empty".into())
-                        .help("write the full version string that `uname -r` prints on the node, e.g. \"6.1.0-47-amd64\""),
-                );
-                continue;
-            }
-            if !KVER.is_match(kver) {
-                diags.push(
-                    err(&version.span(), format!("{kver:?} is not a kernel version string"))
-                        .help("write the full version string that `uname -r` prints, e.g. \"6.12.117+deb12-amd64\" or \"5.14.0-427.13.1.el9_4.x86_64\""),
-                );
-                continue;
-            }
-            if let Some(first) = seen.get(kver) {
-                diags.push(
-                    err(&version.span(), format!("kernel {kver} is listed twice")).help(format!(
-                        "it is first listed at {first}; remove one of the two"
-                    )),
-                );
-                continue;
-            }
-            seen.insert(kver.to_string(), at.clone());
-
-            let toolchain = match k.get_ref().toolchain.as_ref().or(default_toolchain) {
-                Some(t) if raw.toolchains.contains_key(t.get_ref()) => t.get_ref().clone(),
-                Some(t) => {
-                    // A bad default is reported once, above.
-                    if k.get_ref().toolchain.is_some() {
-                        diags.push(unknown_toolchain(source, t, &raw.toolchains));
-                    }
-                    continue;
-                }
-                None => {
-                    diags.push(
-                        err(&k.span(), format!("kernel {kver} has no toolchain"))
-                            .help("set toolchain = \"<name>\" here or in [defaults]"),
-                    );
-                    continue;
-                }
-            };
-
-            let mut selected = None;
-            if let Some(list) = &k.get_ref().modules {
-                let mut set = BTreeSet::new();
-                for m in list {
-                    if let Err(d) = check_module_ref(source, m, &module_names) {
-                        diags.push(d);
-                    } else {
-                        set.insert(m.get_ref().clone());
-                    }
-                }
-                selected = Some(set);
-            }
-            kernels.push(Kernel {
-                version: kver.to_string(),
-                toolchain,
-                modules: selected,
-                at,
-            });
-        }
-
+        let kernels = kernels(source, &raw, &module_names, &mut diags);
         let kmm = kmm_settings(source, &raw.kmm, &mut diags);
         let image = image_settings(source, &raw.image, &kmm, &mut diags);
+        let registries = registries(source, &raw.registries, &mut diags);
         diags.into_result()?;
         let config = Config {
             path: source.path.clone(),
@@ -385,7 +299,7 @@ impl Config {
             modules,
             image,
             kmm,
-            registries: raw.registries,
+            registries,
         };
         config.check_module_selection()?;
         Ok(config)
@@ -486,6 +400,203 @@ impl Config {
         }
         diags.into_result()
     }
+}
+
+/// The `[toolchains]`, each checked; the default toolchain must be one of them.
+fn toolchains(
+    source: &Source,
+    root: &Path,
+    raw: &RawFile,
+    diags: &mut Diagnostics,
+) -> BTreeMap<String, Toolchain> {
+    let mut toolchains = BTreeMap::new();
+    for (name, t) in &raw.toolchains {
+        if !TOOLCHAIN_NAME.is_match(name) {
+            diags.push(
+                source
+                    .error(&t.span(), format!("toolchain name {} is not valid", shown(name)))
+                    .help("use lowercase letters, digits, '-' and '_' (it becomes part of an image name)"),
+            );
+            continue;
+        }
+        match toolchain(source, root, name, t) {
+            Ok(tc) => {
+                toolchains.insert(name.clone(), tc);
+            }
+            Err(d) => diags.push(d),
+        }
+    }
+    share_bootstraps(&mut toolchains, diags);
+    if let Some(t) = &raw.defaults.toolchain
+        && !raw.toolchains.contains_key(t.get_ref())
+    {
+        diags.push(unknown_toolchain(source, t, &raw.toolchains));
+    }
+    toolchains
+}
+
+/// The `[[kernel]]` entries, each checked; none twice (not even in another case).
+fn kernels(
+    source: &Source,
+    raw: &RawFile,
+    module_names: &BTreeSet<&str>,
+    diags: &mut Diagnostics,
+) -> Vec<Kernel> {
+    if raw.kernel.is_empty() {
+        diags.push(
+            Diagnostic::new(format!("{} lists no kernels", display_path(&source.path)))
+                .help("add a [[kernel]] table with version = \"<uname -r of the kernel>\""),
+        );
+    }
+    let mut seen: BTreeMap<String, (String, Location)> = BTreeMap::new();
+    let mut kernels = Vec::new();
+    for k in &raw.kernel {
+        let Some(kernel) = kernel(source, raw, k, module_names, diags) else {
+            continue;
+        };
+        let version = &k.get_ref().version;
+        if let Some((first, at)) = seen.get(&kernel.version.to_lowercase()) {
+            let what = if *first == kernel.version {
+                format!("kernel {} is listed twice", kernel.version)
+            } else {
+                format!(
+                    "kernel {} differs from kernel {first} only in case",
+                    kernel.version
+                )
+            };
+            diags.push(
+                source
+                    .error(&version.span(), what)
+                    .help(format!("it is first listed at {at}; remove one of the two")),
+            );
+            continue;
+        }
+        seen.insert(
+            kernel.version.to_lowercase(),
+            (kernel.version.clone(), kernel.at.clone()),
+        );
+        kernels.push(kernel);
+    }
+    kernels
+}
+
+/// The longest version `uname -r` can print (the kernel's `__NEW_UTS_LEN`).
+const KVER_MAX: usize = 64;
+
+/// One `[[kernel]]`: a version string, its toolchain, and its module list.
+fn kernel(
+    source: &Source,
+    raw: &RawFile,
+    k: &Spanned<RawKernel>,
+    module_names: &BTreeSet<&str>,
+    diags: &mut Diagnostics,
+) -> Option<Kernel> {
+    let version = &k.get_ref().version;
+    let kver = version.get_ref().trim();
+    let problem = if kver.is_empty() {
+        Some(("kernel version is empty".to_string(), "write the full version string that `uname -r` prints on the node, e.g. \"6.1.0-47-amd64\"".to_string()))
+    } else if kver.len() > KVER_MAX {
+        Some((
+            format!(
+                "kernel version {} is {} characters long",
+                shown(kver),
+                kver.len()
+            ),
+            format!(
+                "`uname -r` prints at most {KVER_MAX}: write the version exactly as the node prints it"
+            ),
+        ))
+    } else if !KVER.is_match(kver) {
+        Some((
+            format!("{} is not a kernel version string", shown(kver)),
+            "write the full version string that `uname -r` prints, e.g. \"6.12.117+deb12-amd64\" or \"5.14.0-427.13.1.el9_4.x86_64\"".to_string(),
+        ))
+    } else {
+        None
+    };
+    if let Some((what, help)) = problem {
+        diags.push(source.error(&version.span(), what).help(help));
+        return None;
+    }
+    let default_toolchain = raw.defaults.toolchain.as_ref();
+    let toolchain = match k.get_ref().toolchain.as_ref().or(default_toolchain) {
+        Some(t) if raw.toolchains.contains_key(t.get_ref()) => t.get_ref().clone(),
+        Some(t) => {
+            // A bad default is reported once, with the toolchains.
+            if k.get_ref().toolchain.is_some() {
+                diags.push(unknown_toolchain(source, t, &raw.toolchains));
+            }
+            return None;
+        }
+        None => {
+            diags.push(
+                source
+                    .error(&k.span(), format!("kernel {kver} has no toolchain"))
+                    .help("set toolchain = \"<name>\" here or in [defaults]"),
+            );
+            return None;
+        }
+    };
+    let modules = k.get_ref().modules.as_ref().map(|list| {
+        let mut set = BTreeSet::new();
+        for m in list {
+            match check_module_ref(source, m, module_names) {
+                Ok(()) => {
+                    set.insert(m.get_ref().clone());
+                }
+                Err(d) => diags.push(d),
+            }
+        }
+        set
+    });
+    Some(Kernel {
+        version: kver.to_string(),
+        toolchain,
+        modules,
+        at: source.location(&version.span()),
+    })
+}
+
+/// `[registries."host[:port]"]`: each key must be a registry host, as an image
+/// reference names it (no scheme, no path, a port that exists).
+fn registries(
+    source: &Source,
+    raw: &BTreeMap<Spanned<String>, RegistryTls>,
+    diags: &mut Diagnostics,
+) -> BTreeMap<String, RegistryTls> {
+    let mut out = BTreeMap::new();
+    for (key, tls) in raw {
+        let host = key.get_ref();
+        let (name, port) = match host.rsplit_once(':') {
+            Some((n, p)) if !n.contains(':') => (n, Some(p)),
+            _ => (host.as_str(), None),
+        };
+        let port_ok = port.is_none_or(|p| p.parse::<u16>().is_ok_and(|p| p > 0));
+        let name_ok = !name.is_empty()
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-');
+        if host.contains("://") || host.contains('/') || !name_ok || !port_ok {
+            diags.push(
+                source
+                    .error(&key.span(), format!("{} is not a registry host", shown(host)))
+                    .help("write the host as image names have it, e.g. \"registry.example.com\" or \"127.0.0.1:5000\": no scheme, no path, a port from 1 to 65535"),
+            );
+            continue;
+        }
+        out.insert(host.clone(), tls.clone());
+    }
+    out
+}
+
+/// A value as errors show it: quoted, and cut when long (a config value can be huge).
+pub fn shown(value: &str) -> String {
+    const MAX: usize = 80;
+    if value.chars().count() <= MAX {
+        return format!("{value:?}");
+    }
+    let cut: String = value.chars().take(MAX).collect();
+    format!("{cut:?}... ({} characters)", value.chars().count())
 }
 
 /// A base image's `bootstrap` is written once: every toolchain on the same base uses
@@ -704,6 +815,7 @@ fn image_settings(
             .busybox
             .as_ref()
             .map_or_else(default_suite, |b| b.suite.clone()),
+        host_link: raw.host_link.unwrap_or(HostLink::Auto),
         busybox_sources: raw
             .busybox
             .as_ref()

@@ -94,6 +94,35 @@ pub struct ModuleTest {
     /// `name=value` module parameters for modprobe.
     #[serde(default)]
     pub parameters: Vec<String>,
+    /// Modules whose init fails without their device (`true`: all of the folder's):
+    /// the load test shows "needs hardware" for them instead of a failure.
+    #[serde(default)]
+    pub needs_hardware: NeedsHardware,
+}
+
+/// `needs-hardware = true`, or a list of module names.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum NeedsHardware {
+    All(bool),
+    These(Vec<String>),
+}
+
+impl Default for NeedsHardware {
+    fn default() -> Self {
+        NeedsHardware::All(false)
+    }
+}
+
+impl NeedsHardware {
+    /// Whether module `name` (`-` and `_` alike) is marked.
+    pub fn covers(&self, name: &str) -> bool {
+        let norm = |s: &str| s.trim_end_matches(".ko").replace('-', "_");
+        match self {
+            NeedsHardware::All(all) => *all,
+            NeedsHardware::These(list) => list.iter().any(|m| norm(m) == norm(name)),
+        }
+    }
 }
 
 #[derive(Deserialize, Default)]

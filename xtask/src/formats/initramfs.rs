@@ -48,6 +48,17 @@ impl Initramfs {
         });
     }
 
+    /// The bytes of its files (what it takes once unpacked).
+    pub fn bytes(&self) -> u64 {
+        self.entries
+            .values()
+            .map(|e| match e {
+                Entry::File { data, .. } => data.len() as u64,
+                _ => 0,
+            })
+            .sum()
+    }
+
     pub fn contains(&self, path: &str) -> bool {
         self.entries.contains_key(path.trim_matches('/'))
     }

@@ -4,10 +4,11 @@
 //! `vermagic` after every build: a module whose Makefile used `uname -r`, or a toolchain
 //! that holds the wrong kernel's headers, gives a `.ko` the target kernel will refuse.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
-use object::{Object, ObjectSection};
+use object::{Object, ObjectSection, ObjectSymbol};
 
 use crate::config::diag::display_path;
 
@@ -72,6 +73,70 @@ impl ModInfo {
     }
 }
 
+/// The symbols a module links against the kernel with.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Symbols {
+    /// Undefined symbols: what the module needs from the kernel or other modules.
+    pub imports: Vec<String>,
+    /// The CRC each import was built against (`__versions`, with CONFIG_MODVERSIONS).
+    pub crcs: BTreeMap<String, u32>,
+    /// The symbols it exports (`EXPORT_SYMBOL*`, seen as `__ksymtab_<name>`).
+    pub exports: Vec<String>,
+}
+
+impl Symbols {
+    pub fn from_elf(data: &[u8]) -> Result<Symbols> {
+        let file = object::File::parse(data).context("not an ELF object")?;
+        let mut out = Symbols::default();
+        for sym in file.symbols() {
+            let Ok(name) = sym.name() else { continue };
+            if sym.is_undefined() && sym.is_global() && !name.is_empty() {
+                out.imports.push(name.to_string());
+            } else if let Some(export) = name.strip_prefix("__ksymtab_") {
+                out.exports.push(export.to_string());
+            }
+        }
+        if let Some(versions) = file.section_by_name("__versions") {
+            // struct modversion_info { unsigned long crc; char name[64 - sizeof(long)]; }
+            for entry in versions.data()?.chunks_exact(64) {
+                let crc = u64::from_le_bytes(entry[..8].try_into().expect("8 bytes"));
+                let name = &entry[8..];
+                let end = name.iter().position(|b| *b == 0).unwrap_or(name.len());
+                out.crcs.insert(
+                    String::from_utf8_lossy(&name[..end]).into_owned(),
+                    crc as u32,
+                );
+            }
+        }
+        out.imports.sort();
+        out.exports.sort();
+        Ok(out)
+    }
+}
+
+/// A kernel's `Module.symvers`: every exported symbol, its CRC, and who exports it
+/// (`vmlinux`, or an in-tree module's path such as `lib/crc7`).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Symvers(pub BTreeMap<String, (u32, String)>);
+
+impl Symvers {
+    pub fn parse(text: &str) -> Symvers {
+        let mut map = BTreeMap::new();
+        for line in text.lines() {
+            let f: Vec<&str> = line.split('\t').collect();
+            if f.len() >= 3 {
+                let crc = u32::from_str_radix(f[0].trim_start_matches("0x"), 16).unwrap_or(0);
+                map.insert(f[1].to_string(), (crc, f[2].to_string()));
+            }
+        }
+        Symvers(map)
+    }
+
+    pub fn get(&self, symbol: &str) -> Option<&(u32, String)> {
+        self.0.get(symbol)
+    }
+}
+
 /// Fails unless the module at `path` was built for kernel `kver`.
 pub fn check_vermagic(path: &Path, kver: &str) -> Result<()> {
     let info = ModInfo::read(path)?;
@@ -101,6 +166,19 @@ mod tests {
         assert_eq!(info.vermagic_release(), Some("6.1.0-47-amd64"));
         assert_eq!(info.get("name"), Some("kmf_user"));
         assert!(ModInfo::parse(b"depends=\0").depends().is_empty());
+    }
+
+    #[test]
+    fn symvers_name_who_exports_what() {
+        let s = Symvers::parse(
+            "0xba55d23e\tcrc7_be\tlib/crc7\tEXPORT_SYMBOL\t\n0x12345678\t_printk\tvmlinux\tEXPORT_SYMBOL\t\n",
+        );
+        assert_eq!(
+            s.get("crc7_be"),
+            Some(&(0xba55d23e, "lib/crc7".to_string()))
+        );
+        assert_eq!(s.get("_printk").unwrap().1, "vmlinux");
+        assert!(s.get("nope").is_none());
     }
 
     #[test]

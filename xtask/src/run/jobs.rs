@@ -9,6 +9,7 @@ use std::sync::{Mutex, OnceLock};
 
 use anyhow::{Context as _, Result};
 
+use crate::config::HostLink;
 use crate::config::template::normalize_tag;
 use crate::host::engine::{Engine, EngineKind};
 use crate::plan::{JobKind, Plan};
@@ -20,7 +21,7 @@ use crate::steps::compile::{Compile, MakeJobs, Record};
 use crate::steps::image::{BuiltImage, LayerRecord, Provenance};
 use crate::steps::image_base::BaseImage;
 use crate::steps::toolchain::{self, Facts};
-use crate::steps::{depmod, image, image_base, loadtest, publish, verify};
+use crate::steps::{depmod, image, image_base, kernel_files, loadtest, publish, verify};
 
 /// Counts a job as running until dropped.
 struct Running<'a>(&'a AtomicUsize);
@@ -293,16 +294,24 @@ impl<'a> Context<'a> {
         } else {
             format!("partial, without {}", missing.join(" "))
         };
-        let image = &self.facts(k).image;
-        depmod::run(
-            self.engine,
-            self.layout,
-            kp.kver(),
-            image,
-            &built,
-            &fingerprint,
-            log,
-        )?;
+        let facts = self.facts(k);
+        let link = match self.plan.config.image.host_link {
+            HostLink::Always => true,
+            HostLink::Never => false,
+            HostLink::Auto => depmod::needs_in_tree(self.layout, kp.kver(), &built)?,
+        };
+        let files = match link {
+            true => Some(self.kernel_files(k, log)?),
+            false => None,
+        };
+        let host_modules = files.as_ref().map(|f| f.modules());
+        let kernel = depmod::Kernel {
+            kver: kp.kver(),
+            image: &facts.image,
+            kdir: &facts.kernel_source_dir,
+            host_modules: host_modules.as_deref(),
+        };
+        depmod::run(self.engine, self.layout, &kernel, &built, &fingerprint, log)?;
         if !missing.is_empty() {
             self.note(
                 i,
@@ -310,6 +319,22 @@ impl<'a> Context<'a> {
             );
         }
         Ok(Status::Done)
+    }
+
+    /// The kernel's own files (its image, its in-tree modules), through its toolchain.
+    fn kernel_files(&self, k: usize, log: &std::path::Path) -> Result<kernel_files::KernelFiles> {
+        let kp = &self.plan.kernels[k];
+        let facts = self.facts(k);
+        let fingerprint = toolchain::fingerprint(kp.toolchain, kp.kver())?;
+        kernel_files::ensure(
+            self.engine,
+            self.layout,
+            &facts.image,
+            &fingerprint,
+            kp.kver(),
+            &facts.kernel_source_dir,
+            log,
+        )
     }
 
     fn layer(&self, i: usize, k: usize) -> Result<Status> {
@@ -376,13 +401,12 @@ impl<'a> Context<'a> {
 
     fn load_test(&self, i: usize, k: usize, log: &std::path::Path) -> Result<Status> {
         let kp = &self.plan.kernels[k];
+        let kernel = self.kernel_files(k, log)?;
         let report = loadtest::run(&loadtest::Request {
             config: self.plan.config,
-            engine: self.engine,
             layout: self.layout,
             kver: kp.kver(),
-            toolchain: self.facts(k),
-            toolchain_fingerprint: &toolchain::fingerprint(kp.toolchain, kp.kver())?,
+            kernel: &kernel,
             image: self.options.image.as_deref(),
             timeout: self.options.boot_timeout,
             log,
@@ -390,9 +414,11 @@ impl<'a> Context<'a> {
         self.note(
             i,
             format!(
-                "booted under QEMU with {}, {} modules, {:.1} s wall; console: {}",
+                "booted under QEMU with {}, {} modules ({} of the kernel's own), {} MiB, {:.1} s wall; console: {}",
                 report.accel,
                 report.verdicts.len(),
+                report.in_tree_modules,
+                report.memory_mb,
                 report.wall_seconds,
                 crate::config::diag::display_path(&report.console)
             ),

@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
+use crate::formats::modinfo::ModInfo;
 use crate::formats::oci::sha256;
 use crate::host::engine::{Engine, Mount, Run};
 use crate::host::fs::{copy_file, read_json, replace_dir, write_json};
@@ -38,6 +39,11 @@ struct DepmodRecord {
     /// Every file of `lib/modules/<kver>/`: size and SHA-256.
     #[serde(default)]
     files: BTreeMap<String, (u64, String)>,
+}
+
+/// The kernel's Module.symvers, as the last depmod found it in the toolchain.
+pub fn kernel_symvers(layout: &Layout, kver: &str) -> PathBuf {
+    layout.kernel_state(kver).join("Module.symvers")
 }
 
 fn record_path(layout: &Layout, kver: &str) -> PathBuf {
@@ -72,36 +78,96 @@ pub fn is_fresh(layout: &Layout, kver: &str, fingerprint: &str) -> bool {
         && inventory(&dir).is_ok_and(|files| files == rec.files)
 }
 
+/// The name of KMM's link to the node's in-tree modules, in the image's tree.
+pub const HOST_LINK: &str = "host";
+
+/// What depmod runs with besides the tree.
+pub struct Kernel<'a> {
+    pub kver: &'a str,
+    /// The toolchain image (it holds kmod) and the kernel's build tree in it.
+    pub image: &'a str,
+    pub kdir: &'a str,
+    /// The kernel's own `lib/modules/<kver>`, when the tree gets the host link.
+    pub host_modules: Option<&'a Path>,
+}
+
+/// Whether a module of `built` depends on a module none of them is: then it needs the
+/// kernel's own modules, which KMM gives through the host link.
+pub fn needs_in_tree(layout: &Layout, kver: &str, built: &[(String, Record)]) -> Result<bool> {
+    let name = |file: &str| file.trim_end_matches(".ko").replace('-', "_");
+    let ours: std::collections::BTreeSet<String> = built
+        .iter()
+        .flat_map(|(_, r)| r.modules.iter().map(|m| name(m)))
+        .collect();
+    for (module, rec) in built {
+        for ko in &rec.modules {
+            let info = ModInfo::read(&layout.artifacts(kver, module).join(ko))?;
+            if info
+                .depends()
+                .iter()
+                .any(|d| !ours.contains(&d.replace('-', "_")))
+            {
+                return Ok(true);
+            }
+        }
+    }
+    Ok(false)
+}
+
 /// Builds the kernel's staging tree from the artifacts of `built` (each module's name
-/// and its compile record) and swaps it into place.
+/// and its compile record) and swaps it into place. With the kernel's own modules, the
+/// tree gets the host link and depmod resolves in-tree dependencies through it. The
+/// kernel's Module.symvers is kept beside the tree, for `verify`.
 pub fn run(
     engine: &Engine,
     layout: &Layout,
-    kver: &str,
-    image: &str,
+    kernel: &Kernel,
     built: &[(String, Record)],
     fingerprint: &str,
     log: &Path,
 ) -> Result<()> {
+    let kver = kernel.kver;
     let scratch = layout.scratch("staging-")?;
     let moddir = scratch.path().join("lib/modules").join(kver);
     let debug = layout.scratch("unstripped-")?;
+    let info = layout.scratch("kernel-info-")?;
     gather(layout, kver, built, &moddir, debug.path())?;
-    let run = Run {
-        image,
-        mounts: vec![Mount {
+    let in_tree = format!("/lib/modules/{kver}");
+    let mut mounts = vec![
+        Mount {
             host: scratch.path(),
             container: "/kmodforge/staging",
             read_only: false,
-        }],
+        },
+        Mount {
+            host: info.path(),
+            container: "/kmodforge/info",
+            read_only: false,
+        },
+    ];
+    if let Some(host) = kernel.host_modules {
+        std::os::unix::fs::symlink(&in_tree, moddir.join(HOST_LINK))?;
+        mounts.push(Mount {
+            host,
+            container: &in_tree,
+            read_only: true,
+        });
+    }
+    let script = "depmod -b /kmodforge/staging \"$1\" && \
+                  { cp \"$2/Module.symvers\" /kmodforge/info/ 2>/dev/null || true; }";
+    let run = Run {
+        image: kernel.image,
+        mounts,
         env: vec![],
         workdir: None,
         network: false,
         command: vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            script.into(),
             "depmod".into(),
-            "-b".into(),
-            "/kmodforge/staging".into(),
             kver.into(),
+            kernel.kdir.into(),
         ],
         pass_fds: vec![],
     };
@@ -110,6 +176,10 @@ pub fn run(
         if !moddir.join(f).is_file() {
             bail!("depmod did not write {f} in the staging tree of {kver}");
         }
+    }
+    let symvers = info.path().join("Module.symvers");
+    if symvers.is_file() {
+        copy_file(&symvers, &kernel_symvers(layout, kver))?;
     }
     let files = inventory(&moddir)?;
     replace_dir(&scratch.keep(), &layout.staging(kver))

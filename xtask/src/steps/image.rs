@@ -23,6 +23,7 @@ use crate::host::fs::{read_json, replace_dir, write_atomic, write_json};
 use crate::host::process::Cmd;
 use crate::run::layout::Layout;
 use crate::steps::image_base::BaseImage;
+use crate::steps::verify;
 
 /// What the source of an image is: time, revision, and where it lives.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -200,10 +201,12 @@ pub fn write_layer(
             display_path(&staging)
         );
     }
-    let files = crate::steps::verify::read_dir(&staging)?;
-    let problems: Vec<String> = crate::steps::verify::tree(&files, kver, &display_path(&staging))
+    let tree = verify::Tree::read(&staging)?;
+    // A damaged tree gets no image; what a node would refuse of one module is verify's
+    // and the load test's to say, and does not keep the others from the node.
+    let problems: Vec<String> = verify::tree(&tree, kver, &display_path(&staging), None)
         .into_iter()
-        .filter(|c| !c.ok)
+        .filter(|c| !c.ok && c.integrity)
         .map(|c| format!("{}: {}", c.name, c.detail))
         .collect();
     if !problems.is_empty() {
@@ -219,14 +222,28 @@ pub fn write_layer(
         .into_owned();
     let mut entries = parents(&modules_dir);
     let mut modules = 0;
-    for (rel, data) in files {
+    for (rel, data) in tree.files {
         modules += usize::from(rel.ends_with(".ko"));
+        entries.extend(
+            parents(&format!("{modules_dir}/{rel}"))
+                .into_iter()
+                .rev()
+                .skip(1),
+        );
         entries.push(Entry::File {
             path: format!("{modules_dir}/{rel}"),
             mode: 0o644,
             data,
         });
     }
+    for (rel, target) in tree.links {
+        entries.push(Entry::Symlink {
+            path: format!("{modules_dir}/{rel}"),
+            target,
+        });
+    }
+    entries.sort_by(|a, b| a.path().cmp(b.path()));
+    entries.dedup_by(|a, b| a.path() == b.path());
     let layer = layer(entries, epoch)?;
     let record = LayerRecord {
         fingerprint: fingerprint.to_string(),

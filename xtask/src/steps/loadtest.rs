@@ -25,13 +25,12 @@ use crate::formats::initramfs::Initramfs;
 use crate::formats::modinfo::ModInfo;
 use crate::formats::oci::{self, OciDir};
 use crate::formats::oci::{FileSystem, Node};
-use crate::host::engine::{Engine, Mount, Run};
 use crate::host::fs::{read_json, write_atomic, write_json};
 use crate::host::process::{Cmd, quote, which};
-use crate::run::layout::{Layout, cache_dir, machine_lock};
+use crate::run::layout::Layout;
 use crate::steps::compile::Record;
 use crate::steps::image::LayerRecord;
-use crate::steps::toolchain::Facts;
+use crate::steps::kernel_files::KernelFiles;
 
 /// One module the test loads.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -43,6 +42,8 @@ pub struct Subject {
     pub depends: Vec<String>,
     /// The kernel release its vermagic names.
     pub built_for: Option<String>,
+    /// module.toml says its init fails without its device.
+    pub needs_hardware: bool,
 }
 
 /// How one module fared.
@@ -53,16 +54,34 @@ pub struct Verdict {
     pub unloaded: bool,
     /// Why it failed; `None` is a pass.
     pub reason: Option<String>,
+    /// It did not load, and module.toml says it needs hardware the guest lacks: shown
+    /// as such, not as a failure.
+    #[serde(default)]
+    pub needs_hardware: bool,
+}
+
+impl Verdict {
+    pub fn failed(&self) -> bool {
+        self.reason.is_some() && !self.needs_hardware
+    }
+
+    /// PASS, FAIL or "needs hardware", for tables.
+    pub fn result(&self) -> &'static str {
+        match (&self.reason, self.needs_hardware) {
+            (None, _) => "PASS",
+            (Some(_), true) => "needs hardware",
+            (Some(_), false) => "FAIL",
+        }
+    }
 }
 
 /// What the load test of one kernel works with.
 pub struct Request<'a> {
     pub config: &'a Config,
-    pub engine: &'a Engine,
     pub layout: &'a Layout,
     pub kver: &'a str,
-    pub toolchain: &'a Facts,
-    pub toolchain_fingerprint: &'a str,
+    /// The kernel's image and its own modules (what a node has in /lib/modules).
+    pub kernel: &'a KernelFiles,
     /// Test this OCI image layout instead of kmodforge's layer.
     pub image: Option<&'a Path>,
     pub timeout: Duration,
@@ -74,6 +93,12 @@ pub struct Request<'a> {
 pub struct Report {
     pub accel: String,
     pub wall_seconds: f64,
+    /// The guest's memory, sized from what it holds.
+    #[serde(default)]
+    pub memory_mb: u64,
+    /// How many of the kernel's own modules the guest got, for the tree's dependencies.
+    #[serde(default)]
+    pub in_tree_modules: usize,
     pub console: PathBuf,
     pub verdicts: Vec<Verdict>,
 }
@@ -88,7 +113,7 @@ impl Report {
     }
 
     pub fn failures(&self) -> usize {
-        self.verdicts.iter().filter(|v| v.reason.is_some()).count()
+        self.verdicts.iter().filter(|v| v.failed()).count()
     }
 }
 
@@ -114,37 +139,34 @@ pub fn run(r: &Request) -> Result<Report> {
             r.kver
         );
     }
-    let subjects = subjects(
-        &image_fs,
-        &modules_dir,
-        &parameters(r.config, r.layout, r.kver),
-    )?;
+    let subjects = subjects(&image_fs, &modules_dir, &hints(r.config, r.layout, r.kver))?;
     if subjects.is_empty() {
         bail!(
             "the image holds no .ko file in {prefix}/lib/modules/{}/",
             r.kver
         );
     }
-    let vmlinuz = kernel_image(
-        r.engine,
-        r.layout,
-        &r.toolchain.image,
-        r.toolchain_fingerprint,
-        r.kver,
-        r.log,
-    )?;
     let busybox = crate::steps::image_base::busybox_binary(r.config, r.layout, r.log)?;
-    let initrd = initramfs(busybox, &image_fs, prefix, r.kver, &subjects)?;
-    let initrd_path = r.layout.kernel_state(r.kver).join("initrd.gz");
-    write_atomic(&initrd_path, &initrd)?;
-
+    let in_tree = in_tree_closure(&image_fs, &modules_dir);
+    let guest_files = Guest::files(
+        busybox, &image_fs, prefix, r.kver, &subjects, r.kernel, &in_tree,
+    )?;
+    let initrd = r.layout.kernel_state(r.kver).join("initrd.gz");
+    write_atomic(&initrd, &guest_files.finish()?)?;
+    let guest = Guest {
+        vmlinuz: r.kernel.vmlinuz(),
+        initrd,
+        memory_mb: memory_mb(guest_files.bytes()),
+    };
     let console_log = r.layout.log(r.kver, "qemu-console");
-    let (console, wall, accel) = boot(&vmlinuz, &initrd_path, &console_log, r.timeout)
+    let (console, wall, accel) = boot(&guest, &console_log, r.timeout)
         .with_context(|| format!("QEMU did not boot {}", r.kver))?;
     let modules_dep = image_fs.contains_key(&format!("{modules_dir}/modules.dep"));
     let report = Report {
         accel: accel.describe().to_string(),
         wall_seconds: wall.as_secs_f64(),
+        memory_mb: guest.memory_mb,
+        in_tree_modules: in_tree.len(),
         console: console_log,
         verdicts: judge(&console, r.kver, &subjects, modules_dep),
     };
@@ -152,97 +174,58 @@ pub fn run(r: &Request) -> Result<Report> {
     Ok(report)
 }
 
-/// Test parameters by module name: each module folder's `[test] parameters` apply to
-/// every `.ko` that folder built for this kernel (or to the `.ko` of its own name).
-fn parameters(config: &Config, layout: &Layout, kver: &str) -> BTreeMap<String, Vec<String>> {
+/// What module.toml says of each `.ko` for the test, by module name: its parameters
+/// and whether it needs hardware. Each folder's `[test]` applies to every `.ko` it built
+/// for this kernel (or to the `.ko` of its own name).
+fn hints(config: &Config, layout: &Layout, kver: &str) -> BTreeMap<String, (Vec<String>, bool)> {
     let mut out = BTreeMap::new();
     for m in &config.modules {
-        if m.test.parameters.is_empty() {
-            continue;
-        }
         let kos = Record::load(layout, kver, &m.name)
             .map(|r| r.modules)
             .filter(|k| !k.is_empty())
             .unwrap_or_else(|| vec![format!("{}.ko", m.name)]);
         for ko in kos {
-            out.insert(
-                ko.trim_end_matches(".ko").replace('-', "_"),
-                m.test.parameters.clone(),
-            );
+            let name = ko.trim_end_matches(".ko").replace('-', "_");
+            let hw = m.test.needs_hardware.covers(&name);
+            out.insert(name, (m.test.parameters.clone(), hw));
         }
     }
     out
 }
 
-/// Gets the kernel image (vmlinuz) of `kver` out of its toolchain: `/boot` when the
-/// toolchain has it (the Rust kernel's, Debian 6.12 headers pull it in), else the
-/// distribution's kernel package from its archive (`linux-image-<kver>` on Debian,
-/// `kernel-core-<kver>` on RHEL), unpacked, not installed. Cached per toolchain, for
-/// the whole machine.
-pub fn kernel_image(
-    engine: &Engine,
-    layout: &Layout,
-    toolchain_image: &str,
-    fingerprint: &str,
-    kver: &str,
-    log: &Path,
-) -> Result<PathBuf> {
-    // Kept for every output directory of this machine: the kernel is the same.
-    let dir = cache_dir()
-        .join("kernels")
-        .join(format!("{kver}-{}", &fingerprint[..12]));
-    let vmlinuz = dir.join("vmlinuz");
-    if vmlinuz.is_file() {
-        return Ok(vmlinuz);
-    }
-    let _lock = machine_lock(&format!("kernel files {}", dir.display()))?;
-    if vmlinuz.is_file() {
-        return Ok(vmlinuz);
-    }
-    fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", display_path(&dir)))?;
-    let tmp = layout.scratch("vmlinuz-")?;
-    const FETCH: &str = r#"set -eu
-k="$1"; out=/kmodforge/out/vmlinuz
-if [ -f "/boot/vmlinuz-$k" ]; then cp "/boot/vmlinuz-$k" "$out"; exit 0; fi
-mkdir -p /tmp/kmodforge-kernel && cd /tmp/kmodforge-kernel
-if command -v apt-get >/dev/null; then
-  apt-get -o APT::Sandbox::User=root update -qq
-  apt-get -o APT::Sandbox::User=root download -qq "linux-image-$k" || apt-get -o APT::Sandbox::User=root download -qq "linux-image-$k-unsigned"
-  dpkg-deb -x linux-image-*.deb x
-  cp "x/boot/vmlinuz-$k" "$out"; exit 0
-fi
-if command -v dnf >/dev/null; then
-  dnf download -q "kernel-core-$k"
-  rpm2cpio kernel-core-*.rpm | cpio -idm --quiet
-  cp "lib/modules/$k/vmlinuz" "$out"; exit 0
-fi
-echo "the toolchain has neither /boot/vmlinuz-$k nor apt-get or dnf to fetch the kernel" >&2; exit 1
-"#;
-    let run = Run {
-        image: toolchain_image,
-        mounts: vec![Mount {
-            host: tmp.path(),
-            container: "/kmodforge/out",
-            read_only: false,
-        }],
-        env: vec![],
-        workdir: None,
-        network: true,
-        command: vec![
-            "/bin/sh".into(),
-            "-c".into(),
-            FETCH.into(),
-            "fetch-kernel".into(),
-            kver.into(),
-        ],
-        pass_fds: vec![],
+/// The in-tree modules the tree's own modules need, through the host link: every
+/// `host/...` path the tree's lines of modules.dep name (it lists each module's whole
+/// closure), relative to the kernel's `lib/modules/<kver>`.
+pub fn in_tree_closure(image_fs: &FileSystem, modules_dir: &str) -> Vec<String> {
+    let Some(Node::File {
+        data: Some(dep), ..
+    }) = image_fs.get(&format!("{modules_dir}/modules.dep"))
+    else {
+        return Vec::new();
     };
-    engine
-        .run(&run)
-        .run_logged(log, None)
-        .with_context(|| format!("cannot get the kernel image of {kver}"))?;
-    crate::host::fs::copy_file(&tmp.path().join("vmlinuz"), &vmlinuz)?;
-    Ok(vmlinuz)
+    let link = format!("{}/", crate::steps::depmod::HOST_LINK);
+    let mut out: Vec<String> = Vec::new();
+    for line in String::from_utf8_lossy(dep).lines() {
+        let (module, deps) = line.split_once(':').unwrap_or((line, ""));
+        if module.starts_with(&link) {
+            continue;
+        }
+        out.extend(
+            deps.split_whitespace()
+                .filter_map(|d| d.strip_prefix(&link))
+                .map(str::to_string),
+        );
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Guest memory for an initramfs that unpacks to `bytes`: the kernel's own needs, the
+/// unpacked files, and KMM's copy of the tree (an initramfs lives in RAM).
+pub fn memory_mb(bytes: u64) -> u64 {
+    let mb = bytes.div_ceil(1 << 20);
+    (384 + 3 * mb).div_ceil(64) * 64
 }
 
 /// The host's kmod binary and the shared libraries it needs, by their paths.
@@ -280,7 +263,7 @@ fn host_kmod() -> Result<Vec<(String, Vec<u8>)>> {
 pub fn subjects(
     image_fs: &FileSystem,
     modules_dir: &str,
-    parameters: &BTreeMap<String, Vec<String>>,
+    hints: &BTreeMap<String, (Vec<String>, bool)>,
 ) -> Result<Vec<Subject>> {
     let mut out = Vec::new();
     for (path, node) in image_fs.range(format!("{modules_dir}/")..) {
@@ -298,8 +281,10 @@ pub fn subjects(
         };
         let name = file.rsplit('/').next().unwrap_or(file).replace('-', "_");
         let info = ModInfo::from_elf(data).with_context(|| format!("/{path} in the image"))?;
+        let (parameters, needs_hardware) = hints.get(&name).cloned().unwrap_or_default();
         out.push(Subject {
-            parameters: parameters.get(&name).cloned().unwrap_or_default(),
+            parameters,
+            needs_hardware,
             depends: info
                 .depends()
                 .into_iter()
@@ -314,9 +299,12 @@ pub fn subjects(
 
 const MARK: &str = "@@kmodforge";
 
-/// The `/init` that replays KMM's worker for every subject.
+/// The `/init` that replays KMM's worker for every subject: the init container's copy
+/// (its error kept), the host link checked, then modprobe for each module.
 pub fn init_script(kver: &str, prefix: &str, subjects: &[Subject]) -> String {
     let tmp = format!("/tmp{prefix}");
+    let tree = format!("{tmp}/lib/modules/{kver}");
+    let link = crate::steps::depmod::HOST_LINK;
     let mut s = format!(
         "#!/bin/busybox sh\n\
          /bin/busybox --install -s /bin\n\
@@ -327,8 +315,10 @@ pub fn init_script(kver: &str, prefix: &str, subjects: &[Subject]) -> String {
          say boot \"$(uname -r)\"\n\
          dmesg -c >/dev/null\n\
          # KMM's image-loader init container\n\
-         mkdir -p {tmp}/lib/modules; cp -R {prefix}/lib/modules/{kver} {tmp}/lib/modules\n\
-         say copied $?\n"
+         mkdir -p {tmp}/lib/modules; cp -R {prefix}/lib/modules/{kver} {tmp}/lib/modules 2>/cp.err\n\
+         say copied $?\n\
+         [ -s /cp.err ] && say copy-error \"$(head -n1 /cp.err)\"\n\
+         if [ -L {tree}/{link} ] && ! [ -d {tree}/{link}/ ]; then say link-broken \"$(readlink {tree}/{link})\"; fi\n"
     );
     for m in subjects {
         let params: Vec<String> = m.parameters.iter().map(|p| quote(p)).collect();
@@ -343,44 +333,67 @@ pub fn init_script(kver: &str, prefix: &str, subjects: &[Subject]) -> String {
     s
 }
 
-/// Builds the initramfs: busybox, kmod, the image's `<prefix>` tree and `/init`.
-pub fn initramfs(
-    busybox: Vec<u8>,
-    image_fs: &FileSystem,
-    prefix: &str,
-    kver: &str,
-    subjects: &[Subject],
-) -> Result<Vec<u8>> {
-    let mut i = Initramfs::default();
-    i.file("bin/busybox", 0o755, busybox);
-    for (path, data) in host_kmod()? {
-        i.file(&path, 0o755, data);
-    }
-    i.symlink("sbin/modprobe", "/bin/kmod");
-    for d in ["proc", "sys", "dev", "tmp"] {
-        i.add(crate::formats::oci::Entry::Dir { path: d.into() });
-    }
-    let tree = prefix.trim_start_matches('/');
-    for (path, node) in image_fs.range(format!("{tree}/")..) {
-        if !path.starts_with(&format!("{tree}/")) {
-            break;
+/// A QEMU guest: a kernel, an initramfs, and memory for what it holds.
+pub struct Guest {
+    pub vmlinuz: PathBuf,
+    pub initrd: PathBuf,
+    pub memory_mb: u64,
+}
+
+impl Guest {
+    /// The initramfs: busybox, kmod, the image's `<prefix>` tree, the kernel's own
+    /// modules the tree needs through the host link (at `/lib/modules/<kver>`, where a
+    /// node has them), and `/init`.
+    pub fn files(
+        busybox: Vec<u8>,
+        image_fs: &FileSystem,
+        prefix: &str,
+        kver: &str,
+        subjects: &[Subject],
+        kernel: &KernelFiles,
+        in_tree: &[String],
+    ) -> Result<Initramfs> {
+        let mut i = Initramfs::default();
+        i.file("bin/busybox", 0o755, busybox);
+        for (path, data) in host_kmod()? {
+            i.file(&path, 0o755, data);
         }
-        match node {
-            Node::Dir => i.add(crate::formats::oci::Entry::Dir { path: path.clone() }),
-            Node::File {
-                mode,
-                data: Some(data),
-            } => i.file(path, *mode & 0o777, data.clone()),
-            Node::File { data: None, .. } => bail!("/{path} of the image was not read"),
-            Node::Symlink(t) => i.symlink(path, t),
+        i.symlink("sbin/modprobe", "/bin/kmod");
+        for d in ["proc", "sys", "dev", "tmp"] {
+            i.add(crate::formats::oci::Entry::Dir { path: d.into() });
         }
+        let tree = prefix.trim_start_matches('/');
+        for (path, node) in image_fs.range(format!("{tree}/")..) {
+            if !path.starts_with(&format!("{tree}/")) {
+                break;
+            }
+            match node {
+                Node::Dir => i.add(crate::formats::oci::Entry::Dir { path: path.clone() }),
+                Node::File {
+                    mode,
+                    data: Some(data),
+                } => i.file(path, *mode & 0o777, data.clone()),
+                Node::File { data: None, .. } => bail!("/{path} of the image was not read"),
+                Node::Symlink(t) => i.symlink(path, t),
+            }
+        }
+        for rel in in_tree {
+            let from = kernel.modules().join(rel);
+            let data = fs::read(&from).with_context(|| {
+                format!(
+                    "the tree's modules.dep names {rel} of the kernel's own modules, which {} lacks",
+                    display_path(&kernel.modules())
+                )
+            })?;
+            i.file(&format!("lib/modules/{kver}/{rel}"), 0o644, data);
+        }
+        i.file(
+            "init",
+            0o755,
+            init_script(kver, prefix, subjects).into_bytes(),
+        );
+        Ok(i)
     }
-    i.file(
-        "init",
-        0o755,
-        init_script(kver, prefix, subjects).into_bytes(),
-    );
-    i.finish()
 }
 
 /// How QEMU runs the guest.
@@ -448,8 +461,7 @@ const KVM_GRACE: Duration = Duration::from_secs(30);
 /// host remembered. Returns the console, the wall time and the accelerator used. The
 /// QEMU process is always reaped (killed on timeout).
 pub fn boot(
-    vmlinuz: &Path,
-    initrd: &Path,
+    guest: &Guest,
     console_log: &Path,
     timeout: Duration,
 ) -> Result<(String, Duration, Accel)> {
@@ -476,7 +488,7 @@ pub fn boot(
         let result = Cmd::new("qemu-system-x86_64")
             .args([
                 "-m",
-                "512",
+                &guest.memory_mb.to_string(),
                 "-smp",
                 "1",
                 "-nodefaults",
@@ -489,9 +501,9 @@ pub fn boot(
             ])
             .args(flags)
             .arg("-kernel")
-            .arg(vmlinuz)
+            .arg(&guest.vmlinuz)
             .arg("-initrd")
-            .arg(initrd)
+            .arg(&guest.initrd)
             .args(["-append", "console=ttyS0 panic=-1 loglevel=7"])
             .run_logged(console_log, Some(limit));
         let wall = started.elapsed();
@@ -530,16 +542,22 @@ struct Step {
     dmesg: Vec<String>,
 }
 
-/// The console's steps by (module, "load" | "unload"), and whether `/init` ended.
+/// The console's steps by (module, "load" | "unload"), whether `/init` ended, and what
+/// KMM's own steps said before any module (the copy, the host link).
 struct Console {
     steps: BTreeMap<(String, &'static str), Step>,
     ended: bool,
+    /// The copy's exit status and first error line, when it failed.
+    copy_failed: Option<String>,
+    /// Where the host link points, when it resolves to nothing.
+    link_broken: Option<String>,
 }
 
 fn parse_console(console: &str) -> Console {
     let mut steps: BTreeMap<(String, &'static str), Step> = BTreeMap::new();
     let mut current: Option<(String, &'static str)> = None;
     let (mut in_dmesg, mut ended) = (false, false);
+    let (mut copy_failed, mut link_broken): (Option<String>, Option<String>) = (None, None);
     for raw in console.lines() {
         let line = raw.trim_end_matches('\r');
         let Some(rest) = line.split_once(MARK).map(|(_, r)| r.trim()) else {
@@ -565,13 +583,29 @@ fn parse_console(console: &str) -> Console {
             ("dmesg-begin", _) => in_dmesg = true,
             ("dmesg-end", _) => in_dmesg = false,
             ("end", _) => ended = true,
+            ("copied", _) if arg.trim() != "0" => {
+                copy_failed.get_or_insert(format!("cp exited with status {}", arg.trim()));
+            }
+            ("copy-error", _) => {
+                copy_failed = Some(match copy_failed {
+                    Some(c) => format!("{c}: {}", arg.trim()),
+                    None => arg.trim().to_string(),
+                })
+            }
+            ("link-broken", _) => link_broken = Some(arg.trim().to_string()),
             _ => {}
         }
     }
-    Console { steps, ended }
+    Console {
+        steps,
+        ended,
+        copy_failed,
+        link_broken,
+    }
 }
 
-/// Reads the console into a verdict per subject.
+/// Reads the console into a verdict per subject. A failed step of KMM's replay (the
+/// copy, a broken link) is the reason, never a later symptom.
 pub fn judge(
     console: &str,
     kver: &str,
@@ -585,6 +619,9 @@ pub fn judge(
             let load = console.steps.get(&(s.name.clone(), "load"));
             let unload = console.steps.get(&(s.name.clone(), "unload"));
             let mut reasons = Vec::new();
+            if let Some(copy) = &console.copy_failed {
+                reasons.push(format!("KMM's copy of the image's tree failed: {copy}"));
+            }
             let loaded = judge_load(
                 s,
                 load,
@@ -593,6 +630,14 @@ pub fn judge(
                 modules_dep_present,
                 &mut reasons,
             );
+            if let (false, Some(target)) = (loaded, &console.link_broken) {
+                reasons.insert(
+                    0,
+                    format!(
+                        "the image's host link points at {target}, which the node does not have"
+                    ),
+                );
+            }
             if let Some(p) = problems(load).into_iter().next() {
                 reasons.push(format!("kernel log while loading: {p}"));
             }
@@ -604,6 +649,7 @@ pub fn judge(
                 module: s.name.clone(),
                 loaded,
                 unloaded,
+                needs_hardware: !loaded && s.needs_hardware,
                 reason: reasons.into_iter().next(),
             }
         })
@@ -741,6 +787,7 @@ mod tests {
             parameters: vec![],
             depends: depends.iter().map(|d| d.to_string()).collect(),
             built_for: Some("6.1.0-47-amd64".into()),
+            needs_hardware: false,
         }
     }
 
@@ -754,7 +801,8 @@ mod tests {
                 ..subject("kmf_param", &[])
             }],
         );
-        assert!(s.contains("mkdir -p /tmp/opt/lib/modules; cp -R /opt/lib/modules/6.1.0-47-amd64 /tmp/opt/lib/modules\n"), "{s}");
+        // KMM's exact command, its error kept for the verdict.
+        assert!(s.contains("mkdir -p /tmp/opt/lib/modules; cp -R /opt/lib/modules/6.1.0-47-amd64 /tmp/opt/lib/modules 2>/cp.err\n"), "{s}");
         assert!(
             s.contains("/sbin/modprobe -vd /tmp/opt kmf_param 'greeting=hi there' 2>&1"),
             "{s}"
@@ -798,9 +846,72 @@ rmmod kmf_user
                 module: "kmf_user".into(),
                 loaded: true,
                 unloaded: true,
-                reason: None
+                reason: None,
+                needs_hardware: false,
             }]
         );
+    }
+
+    #[test]
+    fn a_failed_copy_or_link_is_the_reason_not_a_later_symptom() {
+        let full = "@@kmodforge boot k\n@@kmodforge copied 1\n\
+                    @@kmodforge copy-error cp: write error: No space left on device\n\
+                    @@kmodforge load kmf_hello\nmodprobe: ERROR: could not insert 'kmf_hello': Invalid argument\n@@kmodforge rc 1\n@@kmodforge end\n";
+        let v = judge(full, "6.1.0-47-amd64", &[subject("kmf_hello", &[])], true);
+        assert_eq!(
+            v[0].reason.as_deref(),
+            Some(
+                "KMM's copy of the image's tree failed: cp exited with status 1: cp: write error: No space left on device"
+            )
+        );
+        let broken = "@@kmodforge copied 0\n@@kmodforge link-broken /lib/modules/k\n\
+                      @@kmodforge load x\nmodprobe: FATAL: Module x_tables not found\n@@kmodforge rc 1\n@@kmodforge end\n";
+        let v = judge(broken, "6.1.0-47-amd64", &[subject("x", &[])], true);
+        assert!(
+            v[0].reason
+                .as_deref()
+                .unwrap()
+                .starts_with("the image's host link points at /lib/modules/k"),
+            "{v:?}"
+        );
+    }
+
+    #[test]
+    fn a_module_that_needs_hardware_is_said_so_never_silently() {
+        let console = "@@kmodforge copied 0\n@@kmodforge load wcfxo\nmodprobe: ERROR: could not insert 'wcfxo': No such device\n@@kmodforge rc 1\n@@kmodforge end\n";
+        let hw = Subject {
+            needs_hardware: true,
+            ..subject("wcfxo", &[])
+        };
+        let v = judge(console, "6.1.0-47-amd64", &[hw], true);
+        assert!(v[0].needs_hardware && !v[0].failed());
+        assert_eq!(v[0].result(), "needs hardware");
+        assert!(v[0].reason.as_deref().unwrap().contains("No such device"));
+        let v = judge(console, "6.1.0-47-amd64", &[subject("wcfxo", &[])], true);
+        assert!(v[0].failed() && v[0].result() == "FAIL");
+    }
+
+    #[test]
+    fn the_guest_gets_the_in_tree_closure_and_memory_for_what_it_holds() {
+        let mut fs = FileSystem::new();
+        fs.insert(
+            "opt/lib/modules/k/modules.dep".into(),
+            Node::File {
+                mode: 0o644,
+                data: Some(
+                    b"updates/dkms/xt_RTPENGINE.ko: host/kernel/net/netfilter/x_tables.ko\n\
+                      kmf_hello.ko:\nhost/kernel/net/netfilter/x_tables.ko:\nhost/kernel/lib/crc7.ko:\n"
+                        .to_vec(),
+                ),
+            },
+        );
+        assert_eq!(
+            in_tree_closure(&fs, "opt/lib/modules/k"),
+            ["kernel/net/netfilter/x_tables.ko"]
+        );
+        assert_eq!(memory_mb(0), 384);
+        // A 119 MB tree, as the one that made a 512 MiB guest's copy fail.
+        assert!(memory_mb(119 << 20) >= 384 + 2 * 119);
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod compile;
 pub mod depmod;
 pub mod image;
 pub mod image_base;
+pub mod kernel_files;
 pub mod loadtest;
 pub mod publish;
 pub mod rust_analyzer;

@@ -19,6 +19,42 @@ const SRC: &str = "/kmodforge/src";
 const BUILD: &str = "/kmodforge/build";
 const EXPORT: &str = "/kmodforge/export";
 
+/// The rust-project.json the kernel wrote, with every container path made a host path:
+/// the module's own to its folder, the kernel's and the Rust library's to the copies.
+fn host_paths(module: &Module, work: &Path, export: &Path) -> Result<serde_json::Value> {
+    let listed = fs::read_to_string(work.join(".roots"))?;
+    let roots: Vec<String> = listed
+        .lines()
+        .filter_map(|l| l.strip_prefix("root=").map(str::to_string))
+        .collect();
+    let sysroot = listed
+        .lines()
+        .find_map(|l| l.strip_prefix("sysroot="))
+        .unwrap_or("/usr");
+    let json = fs::read_to_string(work.join("rust-project.json"))
+        .context("make rust-analyzer wrote no rust-project.json")?;
+    let mut value: serde_json::Value = serde_json::from_str(&json)?;
+    let mut map: Vec<(String, PathBuf)> = vec![(BUILD.to_string(), module.dir.clone())];
+    map.extend(
+        roots
+            .iter()
+            .map(|r| (r.clone(), export.join(r.trim_start_matches('/')))),
+    );
+    rewrite(&mut value, &map);
+    // rustc's sysroot (where rust-analyzer looks for lib/rustlib/src): the copy too.
+    if value.get("sysroot").and_then(|s| s.as_str()) == Some(sysroot) {
+        value["sysroot"] = export
+            .join(sysroot.trim_start_matches('/'))
+            .display()
+            .to_string()
+            .into();
+    }
+    if value["crates"].as_array().is_none_or(|c| c.is_empty()) {
+        bail!("rust-project.json lists no crates");
+    }
+    Ok(value)
+}
+
 /// Writes `<module>/rust-project.json` for kernel `kver`; returns its path.
 pub fn generate(
     engine: &Engine,
@@ -95,36 +131,7 @@ fi
         fs::write(export.join(".complete"), "")?;
     }
 
-    let listed = fs::read_to_string(work.join(".roots"))?;
-    let roots: Vec<String> = listed
-        .lines()
-        .filter_map(|l| l.strip_prefix("root=").map(str::to_string))
-        .collect();
-    let sysroot = listed
-        .lines()
-        .find_map(|l| l.strip_prefix("sysroot="))
-        .unwrap_or("/usr");
-    let json = fs::read_to_string(work.join("rust-project.json"))
-        .context("make rust-analyzer wrote no rust-project.json")?;
-    let mut value: serde_json::Value = serde_json::from_str(&json)?;
-    let mut map: Vec<(String, PathBuf)> = vec![(BUILD.to_string(), module.dir.clone())];
-    map.extend(
-        roots
-            .iter()
-            .map(|r| (r.clone(), export.join(r.trim_start_matches('/')))),
-    );
-    rewrite(&mut value, &map);
-    // rustc's sysroot (where rust-analyzer looks for lib/rustlib/src): the copy too.
-    if value.get("sysroot").and_then(|s| s.as_str()) == Some(sysroot) {
-        value["sysroot"] = export
-            .join(sysroot.trim_start_matches('/'))
-            .display()
-            .to_string()
-            .into();
-    }
-    if value["crates"].as_array().is_none_or(|c| c.is_empty()) {
-        bail!("rust-project.json lists no crates");
-    }
+    let value = host_paths(module, &work, &export)?;
     let dest = module.dir.join("rust-project.json");
     crate::host::fs::write_atomic(&dest, serde_json::to_string_pretty(&value)?.as_bytes())?;
     Ok(dest)

@@ -1,11 +1,15 @@
 //! `verify`: static checks of a kernel's staging tree and of its kmod image, without
-//! booting anything.
+//! booting anything: what the node's kernel and KMM's worker would check at load time.
 //!
-//! The tree must be at `<prefix>/lib/modules/<kver>/`, every `.ko` built for `<kver>`
-//! (vermagic), depmod's files present and current (modules.dep lists exactly the
-//! modules there, each with the transitive closure of its `depends`, all of them in
-//! the tree, since `modprobe -d` finds nothing else), and the image must give KMM's
-//! worker the `sh`, `mkdir` and `cp` it runs.
+//! Integrity (a damaged or foreign tree: no image is made from it): the tree is at
+//! `<prefix>/lib/modules/<kver>/`, every `.ko` is an ELF module built for `<kver>`
+//! (vermagic), depmod's files are there and modules.dep is current (each module listed,
+//! with its dependencies inside the tree). Loadability (what a node would refuse, one
+//! module at a time): every dependency outside the tree is one of the kernel's own
+//! modules, reachable through KMM's host link; every symbol a module imports is exported
+//! by the tree, by the kernel's in-tree modules (through the link) or by the kernel
+//! itself, with the CRC the kernel has where it uses modversions. And the image gives
+//! KMM's worker the `sh`, `mkdir` and `cp` it runs.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -14,11 +18,11 @@ use anyhow::Result;
 
 use crate::config::Config;
 use crate::config::diag::display_path;
-use crate::formats::modinfo::ModInfo;
+use crate::formats::modinfo::{ModInfo, Symbols, Symvers};
 use crate::formats::oci::{self, Node, OciDir};
 use crate::run::fingerprint::walk_files;
 use crate::run::layout::Layout;
-use crate::steps::depmod::DEPMOD_FILES;
+use crate::steps::depmod::{DEPMOD_FILES, HOST_LINK, kernel_symvers};
 
 /// One check and how it went.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -26,27 +30,93 @@ pub struct Check {
     pub name: &'static str,
     pub ok: bool,
     pub detail: String,
+    /// A failure means the tree is damaged: no image is made from it. Other checks say
+    /// what a node would refuse, module by module.
+    pub integrity: bool,
 }
 
 fn check(name: &'static str, problems: Vec<String>, ok_detail: String) -> Check {
+    let integrity = matches!(name, "layout" | "vermagic" | "depmod files" | "modules.dep");
     if problems.is_empty() {
         Check {
             name,
             ok: true,
             detail: ok_detail,
+            integrity,
         }
     } else {
         Check {
             name,
             ok: false,
             detail: problems.join("; "),
+            integrity,
         }
     }
 }
 
-/// Checks the files of a `lib/modules/<kver>/` directory (relative path → bytes).
-pub fn tree(files: &BTreeMap<String, Vec<u8>>, kver: &str, shown_dir: &str) -> Vec<Check> {
-    let kos: Vec<&String> = files.keys().filter(|p| p.ends_with(".ko")).collect();
+/// The files of a `lib/modules/<kver>/` directory (relative path → bytes) and its
+/// symbolic links (relative path → target).
+#[derive(Default, Debug)]
+pub struct Tree {
+    pub files: BTreeMap<String, Vec<u8>>,
+    pub links: BTreeMap<String, String>,
+}
+
+impl Tree {
+    /// Reads a staging tree's `lib/modules/<kver>/`.
+    pub fn read(dir: &Path) -> Result<Tree> {
+        let mut t = Tree::default();
+        if dir.is_dir() {
+            for rel in walk_files(dir)? {
+                let path = dir.join(&rel);
+                let rel = rel.to_string_lossy().into_owned();
+                if path.is_symlink() {
+                    t.links.insert(
+                        rel,
+                        std::fs::read_link(&path)?.to_string_lossy().into_owned(),
+                    );
+                } else {
+                    t.files.insert(rel, std::fs::read(&path)?);
+                }
+            }
+        }
+        Ok(t)
+    }
+
+    fn from_image(fs: &oci::FileSystem, root: &str) -> Tree {
+        let mut t = Tree::default();
+        for (path, node) in fs.range(format!("{root}/")..) {
+            let Some(rel) = path.strip_prefix(&format!("{root}/")) else {
+                break;
+            };
+            match node {
+                Node::File { data: Some(d), .. } => {
+                    t.files.insert(rel.to_string(), d.clone());
+                }
+                Node::Symlink(target) => {
+                    t.links.insert(rel.to_string(), target.clone());
+                }
+                _ => {}
+            }
+        }
+        t
+    }
+
+    pub fn has_host_link(&self) -> bool {
+        self.links.contains_key(HOST_LINK)
+    }
+}
+
+/// A module's name as modprobe and modinfo's `depends` use it.
+fn module_name(path: &str) -> String {
+    let file = path.rsplit('/').next().unwrap_or(path);
+    let stem = file.split(".ko").next().unwrap_or(file);
+    stem.replace('-', "_")
+}
+
+/// Checks a tree; `kernel` is the kernel's Module.symvers, when known.
+pub fn tree(t: &Tree, kver: &str, shown_dir: &str, kernel: Option<&Symvers>) -> Vec<Check> {
+    let kos: Vec<&String> = t.files.keys().filter(|p| p.ends_with(".ko")).collect();
     let mut checks = vec![check(
         "layout",
         if kos.is_empty() {
@@ -56,23 +126,17 @@ pub fn tree(files: &BTreeMap<String, Vec<u8>>, kver: &str, shown_dir: &str) -> V
         },
         format!("{shown_dir} holds {} modules", kos.len()),
     )];
-
     let mut infos: BTreeMap<String, (String, ModInfo)> = BTreeMap::new();
     let mut bad = Vec::new();
     for ko in &kos {
-        match ModInfo::from_elf(&files[*ko]) {
+        match ModInfo::from_elf(&t.files[*ko]) {
             Ok(info) => {
                 match info.vermagic_release() {
                     Some(r) if r == kver => {}
                     Some(r) => bad.push(format!("{ko} was built for {r}")),
                     None => bad.push(format!("{ko} has no vermagic")),
                 }
-                let name = Path::new(ko)
-                    .file_stem()
-                    .unwrap_or_default()
-                    .to_string_lossy()
-                    .replace('-', "_");
-                infos.insert(name, (ko.to_string(), info));
+                infos.insert(module_name(ko), (ko.to_string(), info));
             }
             Err(e) => bad.push(format!("{ko}: {e:#}")),
         }
@@ -82,97 +146,191 @@ pub fn tree(files: &BTreeMap<String, Vec<u8>>, kver: &str, shown_dir: &str) -> V
         bad,
         format!("every .ko is built for {kver}"),
     ));
-
     let missing: Vec<String> = DEPMOD_FILES
         .iter()
-        .filter(|f| !files.contains_key(**f))
-        .map(|f| format!("{f} is missing"))
+        .filter(|f| !t.files.contains_key(**f))
+        .map(|f| format!("{f} is missing (was depmod run?)"))
         .collect();
-    let depmod_ran = missing.is_empty();
-    checks.push(check(
-        "depmod files",
-        missing
-            .into_iter()
-            .map(|m| format!("{m} (was depmod run?)"))
-            .collect(),
-        DEPMOD_FILES.join(", "),
-    ));
-    if let Some(dep) = files.get("modules.dep") {
-        checks.push(modules_dep(&String::from_utf8_lossy(dep), &infos));
-    } else if !depmod_ran {
-        checks.push(check(
-            "modules.dep",
-            vec!["no modules.dep: modprobe cannot find any module".into()],
-            String::new(),
-        ));
-    }
+    checks.push(check("depmod files", missing, DEPMOD_FILES.join(", ")));
+    let listed = match t.files.get("modules.dep") {
+        Some(dep) => parse_modules_dep(&String::from_utf8_lossy(dep)),
+        None => {
+            checks.push(check(
+                "modules.dep",
+                vec!["no modules.dep: modprobe cannot find any module".into()],
+                String::new(),
+            ));
+            return checks;
+        }
+    };
+    checks.push(modules_dep(&listed, &infos));
+    checks.push(dependencies(&listed, &infos, t.has_host_link(), kernel));
+    checks.push(symbols(t, &kos, kernel));
     checks
 }
 
-/// modules.dep must list each module once, with the transitive closure of what its
-/// `.modinfo` says it depends on, and every dependency must be in the tree.
-fn modules_dep(text: &str, infos: &BTreeMap<String, (String, ModInfo)>) -> Check {
-    let mut listed: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    for line in text.lines().filter(|l| !l.trim().is_empty()) {
-        let (module, deps) = line.split_once(':').unwrap_or((line, ""));
-        listed.insert(
-            module.trim().to_string(),
-            deps.split_whitespace().map(str::to_string).collect(),
-        );
-    }
+fn parse_modules_dep(text: &str) -> BTreeMap<String, BTreeSet<String>> {
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|line| {
+            let (module, deps) = line.split_once(':').unwrap_or((line, ""));
+            (
+                module.trim().to_string(),
+                deps.split_whitespace().map(str::to_string).collect(),
+            )
+        })
+        .collect()
+}
+
+fn in_tree_entry(path: &str) -> bool {
+    path.starts_with(&format!("{HOST_LINK}/"))
+}
+
+/// modules.dep must list each module of the tree once, with the transitive closure of
+/// what its `.modinfo` says it depends on inside the tree, and list nothing else of the
+/// tree (the kernel's own modules, through the host link, are its business).
+fn modules_dep(
+    listed: &BTreeMap<String, BTreeSet<String>>,
+    infos: &BTreeMap<String, (String, ModInfo)>,
+) -> Check {
     let mut problems = Vec::new();
-    for (name, (path, _)) in infos {
+    for (path, info) in infos.values() {
         let mut want = BTreeSet::new();
-        let mut todo: Vec<String> = infos[name].1.depends();
+        let mut todo: Vec<String> = info.depends();
         while let Some(d) = todo.pop() {
-            let d = d.replace('-', "_");
-            match infos.get(&d) {
-                Some((dpath, dinfo)) => {
-                    if want.insert(dpath.clone()) {
-                        todo.extend(dinfo.depends());
-                    }
-                }
-                None => problems.push(format!(
-                    "{path} depends on {d}, which is not in the image: `modprobe -d` cannot load it (add it to the image)"
-                )),
+            if let Some((dpath, dinfo)) = infos.get(&d.replace('-', "_"))
+                && want.insert(dpath.clone())
+            {
+                todo.extend(dinfo.depends());
             }
         }
         match listed.get(path) {
             None => problems.push(format!("{path} is not in modules.dep (stale: run depmod)")),
-            Some(got) if *got != want => problems.push(format!(
-                "modules.dep gives {path} the dependencies [{}], its modinfo says [{}] (stale: run depmod)",
-                got.iter().cloned().collect::<Vec<_>>().join(" "),
-                want.iter().cloned().collect::<Vec<_>>().join(" ")
-            )),
-            Some(_) => {}
+            Some(got) => {
+                let got: BTreeSet<String> =
+                    got.iter().filter(|d| !in_tree_entry(d)).cloned().collect();
+                if got != want {
+                    problems.push(format!(
+                        "modules.dep gives {path} the dependencies [{}], its modinfo says [{}] (stale: run depmod)",
+                        got.into_iter().collect::<Vec<_>>().join(" "),
+                        want.into_iter().collect::<Vec<_>>().join(" ")
+                    ));
+                }
+            }
         }
     }
     let known: BTreeSet<&String> = infos.values().map(|(p, _)| p).collect();
-    for path in listed.keys().filter(|p| !known.contains(p)) {
+    for path in listed
+        .keys()
+        .filter(|p| !known.contains(p) && !in_tree_entry(p))
+    {
         problems.push(format!(
             "modules.dep lists {path}, which is not in the tree (stale: run depmod)"
         ));
     }
-    let deps: usize = listed.values().map(BTreeSet::len).sum();
+    let ours = listed.keys().filter(|p| !in_tree_entry(p)).count();
+    let deps: usize = listed
+        .iter()
+        .filter(|(p, _)| !in_tree_entry(p))
+        .map(|(_, d)| d.len())
+        .sum();
     check(
         "modules.dep",
         problems,
-        format!("current: {} modules, {deps} dependencies", listed.len()),
+        format!("current: {ours} modules, {deps} dependencies"),
     )
 }
 
-/// Reads a staging tree's `lib/modules/<kver>/` into memory.
-pub fn read_dir(dir: &Path) -> Result<BTreeMap<String, Vec<u8>>> {
-    let mut files = BTreeMap::new();
-    if dir.is_dir() {
-        for rel in walk_files(dir)? {
-            files.insert(
-                rel.to_string_lossy().into_owned(),
-                std::fs::read(dir.join(&rel))?,
-            );
+/// Each dependency outside the tree must be one of the kernel's own modules, which
+/// `modprobe -d` only finds through KMM's host link (and depmod listed through it).
+fn dependencies(
+    listed: &BTreeMap<String, BTreeSet<String>>,
+    infos: &BTreeMap<String, (String, ModInfo)>,
+    host_link: bool,
+    kernel: Option<&Symvers>,
+) -> Check {
+    let in_tree: BTreeSet<String> = kernel
+        .map(|k| k.0.values().map(|(_, owner)| module_name(owner)).collect())
+        .unwrap_or_default();
+    let mut problems = Vec::new();
+    let mut external = 0;
+    for (path, info) in infos.values() {
+        for d in info.depends().iter().map(|d| d.replace('-', "_")) {
+            if infos.contains_key(&d) {
+                continue;
+            }
+            external += 1;
+            let through_link = listed
+                .get(path)
+                .is_some_and(|deps| deps.iter().any(|p| in_tree_entry(p) && module_name(p) == d));
+            if through_link {
+                continue;
+            }
+            problems.push(if !host_link && in_tree.contains(&d) {
+                format!(
+                    "{path} depends on {d}, one of the kernel's own modules, which `modprobe -d` cannot reach: \
+                     the image has no host link (set [image] host-link = \"auto\" or \"always\")"
+                )
+            } else if host_link {
+                format!("{path} depends on {d}, which neither the tree nor the kernel's own modules (through the host link) hold")
+            } else {
+                format!("{path} depends on {d}, which is not in the image: `modprobe -d` cannot load it (add it to the image)")
+            });
         }
     }
-    Ok(files)
+    let detail = match (external, host_link) {
+        (0, _) => "inside the tree".to_string(),
+        (n, _) => format!("{n} on the kernel's own modules, through the host link"),
+    };
+    check("dependencies", problems, detail)
+}
+
+/// Every symbol each module imports is exported by a module of the tree, by one of the
+/// kernel's own modules (reachable through the host link) or by the kernel itself, and
+/// where the kernel has CRCs (modversions) with the CRC the module was built against.
+fn symbols(t: &Tree, kos: &[&String], kernel: Option<&Symvers>) -> Check {
+    let Some(kernel) = kernel else {
+        return check(
+            "symbols",
+            vec!["not checked: the kernel's Module.symvers is not here (run `cargo xtask build` for this kernel first)".into()],
+            String::new(),
+        );
+    };
+    let parsed: Vec<(&String, Symbols)> = kos
+        .iter()
+        .filter_map(|ko| Symbols::from_elf(&t.files[*ko]).ok().map(|s| (*ko, s)))
+        .collect();
+    let exported: BTreeSet<&str> = parsed
+        .iter()
+        .flat_map(|(_, s)| s.exports.iter().map(String::as_str))
+        .collect();
+    let mut problems = Vec::new();
+    let mut count = 0;
+    for (ko, syms) in &parsed {
+        for sym in &syms.imports {
+            count += 1;
+            if exported.contains(sym.as_str()) {
+                continue;
+            }
+            match kernel.get(sym) {
+                None => problems.push(format!(
+                    "{ko} uses {sym}, which no module of the tree, none of the kernel's own modules and not the kernel itself exports (Module.symvers)"
+                )),
+                Some((_, owner)) if owner != "vmlinux" && !t.has_host_link() => problems.push(format!(
+                    "{ko} uses {sym} of the kernel's own module {} ({owner}), which the image cannot reach: it has no host link",
+                    module_name(owner)
+                )),
+                Some((crc, owner)) => {
+                    if let Some(built) = syms.crcs.get(sym).filter(|c| *crc != 0 && *c != crc) {
+                        problems.push(format!(
+                            "{ko} was built against another {sym} than {owner} exports (CRC {built:#010x}, the kernel's {crc:#010x})"
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    check("symbols", problems, format!("{count} imports resolved"))
 }
 
 /// The checks of a kernel's staging tree and of its image (`<out>/images/<kver>`, or
@@ -183,9 +341,17 @@ pub fn kernel(
     kver: &str,
     image_dir: Option<&Path>,
 ) -> Result<Vec<(String, Vec<Check>)>> {
+    let symvers = std::fs::read_to_string(kernel_symvers(layout, kver))
+        .ok()
+        .map(|t| Symvers::parse(&t));
     let staging = layout.staging_modules(kver);
     let tree_checks = if staging.is_dir() {
-        tree(&read_dir(&staging)?, kver, &format!("lib/modules/{kver}/"))
+        tree(
+            &Tree::read(&staging)?,
+            kver,
+            &format!("lib/modules/{kver}/"),
+            symvers.as_ref(),
+        )
     } else {
         vec![check(
             "layout",
@@ -197,7 +363,7 @@ pub fn kernel(
     };
     let dir = image_dir.map_or_else(|| layout.out.join("images").join(kver), Path::to_path_buf);
     let image_checks = match OciDir::open(&dir) {
-        Ok(oci) => image(&oci, &config.image.prefix, kver)?,
+        Ok(oci) => image(&oci, &config.image.prefix, kver, symvers.as_ref())?,
         Err(_) if image_dir.is_some() => vec![check(
             "image",
             vec![format!(
@@ -206,13 +372,14 @@ pub fn kernel(
             )],
             String::new(),
         )],
+        // Nothing to check yet is not a broken image.
         Err(_) => vec![check(
             "image",
-            vec![format!(
-                "no image at {}: run `cargo xtask image --kernel {kver}`",
+            vec![],
+            format!(
+                "none made yet (`cargo xtask image --kernel {kver}` makes it at {})",
                 display_path(&dir)
-            )],
-            String::new(),
+            ),
         )],
     };
     Ok(vec![
@@ -232,20 +399,21 @@ pub fn kernel(
 
 /// Checks an image: its tree under `<prefix>/lib/modules/<kver>/` and the tools KMM's
 /// worker runs in it.
-pub fn image(oci_dir: &OciDir, prefix: &str, kver: &str) -> Result<Vec<Check>> {
+pub fn image(
+    oci_dir: &OciDir,
+    prefix: &str,
+    kver: &str,
+    kernel: Option<&Symvers>,
+) -> Result<Vec<Check>> {
     let tree_root = format!("{}/lib/modules/{kver}", prefix.trim_matches('/'));
     let fs = oci::filesystem(oci_dir, |p| p.starts_with(&format!("{tree_root}/")))?;
-    let mut files = BTreeMap::new();
-    for (path, node) in fs.range(format!("{tree_root}/")..) {
-        let Some(rel) = path.strip_prefix(&format!("{tree_root}/")) else {
-            break;
-        };
-        if let Node::File { data: Some(d), .. } = node {
-            files.insert(rel.to_string(), d.clone());
-        }
-    }
     let mut checks = if fs.contains_key(&tree_root) {
-        tree(&files, kver, &format!("/{tree_root}/"))
+        tree(
+            &Tree::from_image(&fs, &tree_root),
+            kver,
+            &format!("/{tree_root}/"),
+            kernel,
+        )
     } else {
         vec![check(
             "layout",
@@ -295,34 +463,73 @@ mod tests {
 
     #[test]
     fn a_current_modules_dep_passes() {
-        let c = modules_dep("a.ko:\nb.ko: a.ko\nc.ko: b.ko a.ko\n", &infos());
+        let c = modules_dep(
+            &parse_modules_dep("a.ko:\nb.ko: a.ko\nc.ko: b.ko a.ko\n"),
+            &infos(),
+        );
         assert!(c.ok, "{c:?}");
     }
 
     #[test]
     fn stale_or_incomplete_modules_dep_fails() {
-        let c = modules_dep("a.ko:\nb.ko: a.ko\n", &infos());
+        let c = modules_dep(&parse_modules_dep("a.ko:\nb.ko: a.ko\n"), &infos());
         assert!(
             !c.ok && c.detail.contains("c.ko is not in modules.dep"),
             "{c:?}"
         );
-        let c = modules_dep("a.ko:\nb.ko:\nc.ko: b.ko a.ko\n", &infos());
+        let c = modules_dep(
+            &parse_modules_dep("a.ko:\nb.ko:\nc.ko: b.ko a.ko\n"),
+            &infos(),
+        );
         assert!(
             c.detail
                 .contains("gives b.ko the dependencies [], its modinfo says [a.ko]"),
             "{c:?}"
         );
-        let c = modules_dep("a.ko:\nb.ko: a.ko\nc.ko: b.ko a.ko\ngone.ko:\n", &infos());
+        let c = modules_dep(
+            &parse_modules_dep("a.ko:\nb.ko: a.ko\nc.ko: b.ko a.ko\ngone.ko:\n"),
+            &infos(),
+        );
         assert!(
             c.detail.contains("lists gone.ko, which is not in the tree"),
             "{c:?}"
         );
         let mut i = infos();
         i.insert("d".into(), ("d.ko".into(), info(&["crc32c"])));
-        let c = modules_dep("a.ko:\nb.ko: a.ko\nc.ko: b.ko a.ko\nd.ko:\n", &i);
+        let dep = parse_modules_dep("a.ko:\nb.ko: a.ko\nc.ko: b.ko a.ko\nd.ko:\n");
+        assert!(modules_dep(&dep, &i).ok, "modules.dep itself is current");
+        let c = dependencies(&dep, &i, false, None);
         assert!(
-            c.detail
-                .contains("d.ko depends on crc32c, which is not in the image"),
+            !c.ok
+                && c.detail
+                    .contains("d.ko depends on crc32c, which is not in the image"),
+            "{c:?}"
+        );
+    }
+
+    #[test]
+    fn the_kernels_own_modules_are_reached_through_the_host_link() {
+        let mut i = infos();
+        i.insert("u".into(), ("updates/dkms/u.ko".into(), info(&["crc7"])));
+        let kernel = Symvers::parse("0xba55d23e\tcrc7_be\tlib/crc7\tEXPORT_SYMBOL\t\n");
+        let linked = parse_modules_dep(
+            "a.ko:\nb.ko: a.ko\nc.ko: b.ko a.ko\nupdates/dkms/u.ko: host/kernel/lib/crc7.ko\nhost/kernel/lib/crc7.ko:\n",
+        );
+        assert!(
+            modules_dep(&linked, &i).ok,
+            "{:?}",
+            modules_dep(&linked, &i)
+        );
+        assert!(dependencies(&linked, &i, true, Some(&kernel)).ok);
+        // Without the link, modprobe -d cannot reach the kernel's own crc7.
+        let unlinked =
+            parse_modules_dep("a.ko:\nb.ko: a.ko\nc.ko: b.ko a.ko\nupdates/dkms/u.ko:\n");
+        let c = dependencies(&unlinked, &i, false, Some(&kernel));
+        assert!(
+            !c.ok
+                && c.detail
+                    .contains("depends on crc7, one of the kernel's own modules")
+                && c.detail.contains("host link"),
             "{c:?}"
         );
     }

@@ -252,8 +252,19 @@ pub fn slow_build(kver: &str) -> (Project, std::process::Child) {
         .spawn()
         .unwrap();
     let pid = child.id();
+    // The build's own container (not the toolchain's probe, which ends on its own).
     let appeared = wait_until(std::time::Duration::from_secs(300), || {
-        !containers_of("podman", pid).is_empty()
+        let out = Command::new("podman")
+            .args([
+                "ps",
+                "--filter",
+                &format!("label=kmodforge.pid={pid}"),
+                "--format",
+                "{{.Command}}",
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).contains("sleep 300")
     });
     assert!(appeared, "the slow build's container never started");
     (p, child)

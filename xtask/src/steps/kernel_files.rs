@@ -1,0 +1,147 @@
+//! A kernel's own files, as a node running it has them: the kernel image (to boot it
+//! in the load test), its in-tree modules under `lib/modules/<kver>/` (what KMM's
+//! worker sees of the node's `/lib/modules`, and what depmod resolves an image's
+//! in-tree dependencies against), and the `Module.symvers` of its build (every
+//! exported symbol and its CRC, for `verify`).
+//!
+//! They come from the kernel's toolchain: from `/boot` and `/lib/modules` when it holds
+//! the kernel (a kernel it built, the Driver Toolkit's kernel-modules, Debian 6.12's
+//! headers, which pull in the image package), else from the distribution's kernel
+//! package, fetched from its archive and unpacked, not installed (`linux-image-<kver>`
+//! on Debian; `kernel-core`, `kernel-modules` on RHEL). Kept once per machine.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+
+use crate::config::diag::display_path;
+use crate::host::engine::{Engine, Mount, Run};
+use crate::run::layout::{Layout, cache_dir, machine_lock};
+
+/// Where one kernel's files are kept.
+#[derive(Clone, Debug)]
+pub struct KernelFiles {
+    pub dir: PathBuf,
+    pub kver: String,
+}
+
+impl KernelFiles {
+    pub fn vmlinuz(&self) -> PathBuf {
+        self.dir.join("vmlinuz")
+    }
+
+    /// The kernel's own `lib/modules/<kver>/` (in-tree modules, modules.order, ...).
+    pub fn modules(&self) -> PathBuf {
+        self.dir.join("lib/modules").join(&self.kver)
+    }
+
+    /// The build's `Module.symvers` (may be missing for a prebuilt toolchain).
+    pub fn symvers(&self) -> PathBuf {
+        self.dir.join("Module.symvers")
+    }
+}
+
+const FETCH: &str = r#"set -eu
+k="$1"; kdir="$2"; out=/kmodforge/out
+mkdir -p "$out/lib/modules/$k"
+if [ -f "$kdir/Module.symvers" ]; then cp "$kdir/Module.symvers" "$out/Module.symvers"; fi
+tree() { # ROOT: the kernel's modules under ROOT/lib/modules/$k, without build and source
+  [ -d "$1/lib/modules/$k" ] || return 0
+  tar -C "$1/lib/modules/$k" --exclude=./build --exclude=./source -cf - . | tar -C "$out/lib/modules/$k" -xf -
+}
+if [ -f "/boot/vmlinuz-$k" ]; then
+  cp "/boot/vmlinuz-$k" "$out/vmlinuz"; tree ""; exit 0
+fi
+mkdir -p /tmp/kmodforge-kernel && cd /tmp/kmodforge-kernel
+if command -v apt-get >/dev/null; then
+  apt-get -o APT::Sandbox::User=root update -qq
+  apt-get -o APT::Sandbox::User=root download -qq "linux-image-$k" || apt-get -o APT::Sandbox::User=root download -qq "linux-image-$k-unsigned"
+  dpkg-deb -x linux-image-*.deb x
+  cp "x/boot/vmlinuz-$k" "$out/vmlinuz"; tree x; exit 0
+fi
+if command -v dnf >/dev/null; then
+  dnf download -q "kernel-core-$k" "kernel-modules-core-$k" "kernel-modules-$k" || dnf download -q "kernel-core-$k" "kernel-modules-$k"
+  for r in kernel-*.rpm; do rpm2cpio "$r" | cpio -idm --quiet; done
+  cp "lib/modules/$k/vmlinuz" "$out/vmlinuz"; tree .; exit 0
+fi
+echo "the toolchain has neither /boot/vmlinuz-$k nor apt-get or dnf to fetch the kernel" >&2; exit 1
+"#;
+
+/// The kernel's files, fetched through its toolchain once per machine (per toolchain
+/// fingerprint).
+pub fn ensure(
+    engine: &Engine,
+    layout: &Layout,
+    toolchain_image: &str,
+    fingerprint: &str,
+    kver: &str,
+    kdir: &str,
+    log: &Path,
+) -> Result<KernelFiles> {
+    let files = KernelFiles {
+        dir: cache_dir()
+            .join("kernels")
+            .join(format!("{kver}-{}", &fingerprint[..12])),
+        kver: kver.to_string(),
+    };
+    let complete = |f: &KernelFiles| f.dir.join(".complete").is_file();
+    if complete(&files) {
+        return Ok(files);
+    }
+    let _lock = machine_lock(&format!("kernel files {}", files.dir.display()))?;
+    if complete(&files) {
+        return Ok(files);
+    }
+    let tmp = layout.scratch("kernel-files-")?;
+    let run = Run {
+        image: toolchain_image,
+        mounts: vec![Mount {
+            host: tmp.path(),
+            container: "/kmodforge/out",
+            read_only: false,
+        }],
+        env: vec![],
+        workdir: None,
+        network: true,
+        command: vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            FETCH.into(),
+            "kernel-files".into(),
+            kver.into(),
+            kdir.into(),
+        ],
+        pass_fds: vec![],
+    };
+    engine
+        .run(&run)
+        .run_logged(log, None)
+        .with_context(|| format!("cannot get the kernel image and modules of {kver}"))?;
+    fs::write(tmp.path().join(".complete"), "")?;
+    if let Some(parent) = files.dir.parent() {
+        fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create {}", display_path(parent)))?;
+    }
+    let _ = fs::remove_dir_all(&files.dir);
+    // The cache may be on another file system than the output directory.
+    if fs::rename(tmp.path(), &files.dir).is_err() {
+        copy_dir(tmp.path(), &files.dir)?;
+    }
+    Ok(files)
+}
+
+fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    let ok = crate::host::process::Cmd::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .succeeds()?;
+    anyhow::ensure!(
+        ok,
+        "cannot copy {} to {}",
+        display_path(from),
+        display_path(to)
+    );
+    Ok(())
+}
