@@ -31,7 +31,10 @@ fn project(kernels: &[&str], image_name: &str) -> Project {
 fn table_rows(r: &Run) -> Vec<(String, String, String, String)> {
     r.stdout
         .lines()
-        .filter(|l| l.contains(" PASS") || l.contains(" FAIL"))
+        .filter(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            w.len() >= 5 && ["PASS", "FAIL"].contains(&w[4])
+        })
         .map(|l| {
             let w: Vec<&str> = l.split_whitespace().collect();
             (
@@ -86,6 +89,7 @@ fn every_example_module_loads_in_its_debian_kernel_as_kmm_loads_it() {
     let r = p.run(&["--engine", "podman", "test", "--all"]).ok();
     let rows = table_rows(&r);
     let modules = [
+        "kmf_crc",
         "kmf_export",
         "kmf_hello",
         "kmf_nested",
@@ -125,13 +129,33 @@ fn every_example_module_loads_in_its_debian_kernel_as_kmm_loads_it() {
         );
         // Test parameters from module.toml reached the module.
         assert!(console.contains("kmf_param: kmodforge (3/3)"), "{console}");
+        // kmf_crc needs the kernel's own crc7: modprobe found it through the image's
+        // host link, in the guest's /lib/modules (where a node has it), and loaded it
+        // first.
+        let crc = console.find("@@kmodforge load kmf_crc").unwrap();
+        let ext = if k == K612 { ".ko.xz" } else { ".ko" };
+        let dep = console[crc..]
+            .find(&format!(
+                "insmod /tmp/opt/lib/modules/{k}/host/kernel/lib/crc7{ext}"
+            ))
+            .unwrap_or_else(|| panic!("crc7 loaded through the host link:\n{console}"));
+        let own = console[crc..].find("kmf_crc.ko").unwrap();
+        assert!(dep < own, "{console}");
+        assert!(
+            console.contains("kmf_crc: crc7_be(\"kmodforge\") = 0x"),
+            "{console}"
+        );
     }
-    assert_eq!(rows.len(), 10);
+    assert_eq!(rows.len(), 12);
 
-    // verify agrees, statically, on the same outputs.
+    // verify agrees, statically, on the same outputs: every import resolved, kmf_crc's
+    // through the host link.
     let v = p.run(&["verify", "--all"]).ok();
     assert!(
-        !v.stdout.contains("FAIL") && v.stdout.contains("tools"),
+        !v.stdout.contains("FAIL")
+            && v.stdout.contains("ok    symbols")
+            && v.stdout
+                .contains("1 on the kernel's own modules, through the host link"),
         "{}",
         v.all()
     );

@@ -109,6 +109,17 @@ fn the_rust_module_builds_for_the_rust_kernel_loads_there_and_is_skipped_elsewhe
             && console.contains("kmf_rust: goodbye after 2 greetings"),
         "{console}"
     );
+    // The load test needs only kmodforge's layer; the image comes out like any other.
+    assert!(!p.out().join("images").join(KRUST).exists());
+    p.run(&[
+        "--engine",
+        "podman",
+        "image",
+        "--kernel",
+        KRUST,
+        "--no-load",
+    ])
+    .ok();
     assert!(
         p.out()
             .join("images")

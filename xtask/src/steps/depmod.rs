@@ -132,7 +132,6 @@ pub fn run(
     let debug = layout.scratch("unstripped-")?;
     let info = layout.scratch("kernel-info-")?;
     gather(layout, kver, built, &moddir, debug.path())?;
-    let in_tree = format!("/lib/modules/{kver}");
     let mut mounts = vec![
         Mount {
             host: scratch.path(),
@@ -146,15 +145,20 @@ pub fn run(
         },
     ];
     if let Some(host) = kernel.host_modules {
-        std::os::unix::fs::symlink(&in_tree, moddir.join(HOST_LINK))?;
+        std::os::unix::fs::symlink(format!("/lib/modules/{kver}"), moddir.join(HOST_LINK))?;
         mounts.push(Mount {
             host,
-            container: &in_tree,
+            container: "/kmodforge/kernel-modules",
             read_only: true,
         });
     }
-    let script = "depmod -b /kmodforge/staging \"$1\" && \
-                  { cp \"$2/Module.symvers\" /kmodforge/info/ 2>/dev/null || true; }";
+    // The kernel's Module.symvers first (its build tree is under /lib/modules/<kver>),
+    // then /lib/modules/<kver> becomes the kernel's own modules, where the host link
+    // points, as on a node.
+    let script = "{ cp \"$2/Module.symvers\" /kmodforge/info/ 2>/dev/null || true; } && \
+                  if [ -d /kmodforge/kernel-modules ]; then \
+                  rm -rf \"/lib/modules/$1\" && ln -s /kmodforge/kernel-modules \"/lib/modules/$1\"; fi && \
+                  depmod -b /kmodforge/staging \"$1\"";
     let run = Run {
         image: kernel.image,
         mounts,

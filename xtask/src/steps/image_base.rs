@@ -111,7 +111,7 @@ fn from_registry(
     let verify_tls = config.tls_verify(reference);
     let not_found = |e: anyhow::Error| {
         anyhow::anyhow!(
-            "cannot find the base image {reference}: it is not in {kind}'s local storage, and its registry did not give it: {e:#}\n  \
+            "cannot find the base image {reference}: it is not in {kind}'s local storage, and pulling it failed: {e:#}\n  \
              help: where no registry is reachable, load it into local storage (`{kind} load -i <file>`), \
              push it to a registry you run and set [image] base to that reference, or set \
              [image] base = \"busybox\" for kmodforge's minimal base",

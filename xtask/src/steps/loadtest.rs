@@ -377,6 +377,11 @@ impl Guest {
                 Node::Symlink(t) => i.symlink(path, t),
             }
         }
+        // Every node has its kernel's /lib/modules/<kver>; the guest gets the part of it
+        // the tree needs.
+        i.add(crate::formats::oci::Entry::Dir {
+            path: format!("lib/modules/{kver}"),
+        });
         for rel in in_tree {
             let from = kernel.modules().join(rel);
             let data = fs::read(&from).with_context(|| {

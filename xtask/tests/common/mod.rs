@@ -257,6 +257,7 @@ pub fn slow_build(kver: &str) -> (Project, std::process::Child) {
         let out = Command::new("podman")
             .args([
                 "ps",
+                "--no-trunc",
                 "--filter",
                 &format!("label=kmodforge.pid={pid}"),
                 "--format",
