@@ -263,6 +263,7 @@ fn kmm_manifests_follow_the_crd_and_point_at_the_images_kmodforge_pushes() {
     assert_eq!(
         names,
         [
+            "kmf-demo-kmf-crc",
             "kmf-demo-kmf-hello",
             "kmf-demo-kmf-nested",
             "kmf-demo-kmf-param",
@@ -299,6 +300,9 @@ fn kmm_manifests_follow_the_crd_and_point_at_the_images_kmodforge_pushes() {
         // loader pod elsewhere would crash-loop); the C modules everywhere.
         if m["metadata"]["name"] == "kmf-demo-kmf-rust" {
             assert_eq!(literals, [KRUST]);
+        } else if m["metadata"]["name"] == "kmf-demo-kmf-crc" {
+            // Its module.toml: Debian kernels only (the Rust kernel has no crc7).
+            assert_eq!(literals, [K61, K612]);
         } else {
             assert_eq!(literals, [K61, K612, KRUST]);
         }
@@ -311,14 +315,14 @@ fn kmm_manifests_follow_the_crd_and_point_at_the_images_kmodforge_pushes() {
             );
         }
     }
-    let user = &modules[4]["spec"]["moduleLoader"]["container"]["modprobe"];
+    let user = &modules[5]["spec"]["moduleLoader"]["container"]["modprobe"];
     assert_eq!(user["moduleName"], "kmf_user");
     assert_eq!(
         user["modulesLoadingOrder"],
         serde_json::json!(["kmf_user", "kmf_export"])
     );
     assert!(
-        modules[0]["spec"]["moduleLoader"]["container"]["modprobe"]
+        modules[1]["spec"]["moduleLoader"]["container"]["modprobe"]
             .get("modulesLoadingOrder")
             .is_none()
     );

@@ -338,3 +338,77 @@ fn verify_finds_tampered_trees_and_images_without_tools() {
     );
     assert!(v.stdout.contains("ok    vermagic"), "{}", v.all());
 }
+
+#[test]
+fn without_the_host_link_verify_names_what_a_node_would_not_find() {
+    require("podman", "podman");
+    let p = project(&[K61], "localhost/kmodforge-test/nolink");
+    let toml = fs::read_to_string(p.path().join("kernels.toml")).unwrap();
+    p.write(
+        "kernels.toml",
+        &toml.replace("[image]\n", "[image]\nhost-link = \"never\"\n"),
+    );
+    p.run(&["--engine", "podman", "build-all"]).ok();
+    assert!(!p.moddir(K61).join("host").exists());
+    let v = p.run(&["verify", "--kernel", K61]).failed();
+    assert!(
+        v.stdout.contains("kmf_crc.ko depends on crc7, one of the kernel's own modules, which `modprobe -d` cannot reach: the image has no host link"),
+        "{}",
+        v.all()
+    );
+    assert!(
+        v.stdout.contains("kmf_crc.ko uses crc7_be of the kernel's own module crc7 (lib/crc7), which the image cannot reach: it has no host link"),
+        "{}",
+        v.all()
+    );
+    // With the link (the default), the same tree checks out.
+    p.write("kernels.toml", &toml);
+    p.run(&["--engine", "podman", "build-all"]).ok();
+    let v = p.run(&["verify", "--kernel", K61]).ok();
+    assert!(v.stdout.contains("ok    symbols"), "{}", v.all());
+}
+
+#[test]
+fn a_tree_larger_than_the_old_guest_memory_loads() {
+    require("podman", "podman");
+    require("qemu-system-x86_64", "qemu-system-x86");
+    // A 200 MB module: a 512 MiB guest (what the load test used to boot) cannot hold
+    // the initramfs and KMM's copy of it.
+    let p = project(&[K61], "localhost/kmodforge-test/big");
+    for m in [
+        "kmf_crc",
+        "kmf_export",
+        "kmf_nested",
+        "kmf_param",
+        "kmf_user",
+        "kmf_rust",
+    ] {
+        p.remove_module(m);
+    }
+    p.write("modules/kmf_big/Kbuild", "obj-m := kmf_big.o\n");
+    p.write(
+        "modules/kmf_big/kmf_big.c",
+        "#include <linux/module.h>\nchar kmf_big_data[200 << 20] = { 1 };\nEXPORT_SYMBOL(kmf_big_data);\n\
+         static int __init b_init(void) { pr_info(\"kmf_big: %d\\n\", kmf_big_data[0]); return 0; }\n\
+         static void __exit b_exit(void) {}\nmodule_init(b_init);\nmodule_exit(b_exit);\nMODULE_LICENSE(\"GPL\");\n",
+    );
+    let r = p.run(&["--engine", "podman", "test", "--kernel", K61]).ok();
+    let rows = table_rows(&r);
+    assert!(
+        rows.iter().any(|row| row.1 == "kmf_big" && row.2 == "PASS"),
+        "{}",
+        r.all()
+    );
+    let booted = r
+        .stdout
+        .lines()
+        .find(|l| l.contains("booted under QEMU"))
+        .unwrap();
+    let mib: u64 = booted
+        .split(" MiB")
+        .next()
+        .and_then(|s| s.rsplit(' ').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap();
+    assert!(mib > 512 + 400, "{booted}");
+}

@@ -61,7 +61,9 @@ fn own_inputs(plan: &Plan, kind: &JobKind, f: &mut Fingerprint) -> Result<()> {
             f.field("module", &m.name);
             f.module_tree(&m.dir)?;
         }
-        JobKind::Depmod { .. } => {}
+        JobKind::Depmod { .. } => {
+            f.field("host-link", &format!("{:?}", config.image.host_link));
+        }
         JobKind::Layer { .. } => {
             f.field("prefix", &config.image.prefix);
         }

@@ -10,6 +10,7 @@
 //! package, fetched from its archive and unpacked, not installed (`linux-image-<kver>`
 //! on Debian; `kernel-core`, `kernel-modules` on RHEL). Kept once per machine.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -40,15 +41,58 @@ impl KernelFiles {
     pub fn symvers(&self) -> PathBuf {
         self.dir.join("Module.symvers")
     }
+
+    /// The kernel's own modules.dep: each module and what it needs, in load order.
+    pub fn modules_dep(&self) -> BTreeMap<String, Vec<String>> {
+        let text = fs::read_to_string(self.modules().join("modules.dep")).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| l.split_once(':'))
+            .map(|(m, d)| {
+                (
+                    m.to_string(),
+                    d.split_whitespace().map(str::to_string).collect(),
+                )
+            })
+            .collect()
+    }
+
+    /// The module files (paths in `modules()`) to load, in order, so that `wanted` (module
+    /// names) and all they need are loaded (built-in ones need nothing); `None` when one
+    /// is neither a module of the kernel nor built in.
+    pub fn load_order(&self, wanted: &[&str]) -> Option<Vec<String>> {
+        let dep = self.modules_dep();
+        let name = |p: &str| {
+            let file = p.rsplit('/').next().unwrap_or(p);
+            file.split(".ko").next().unwrap_or(file).replace('-', "_")
+        };
+        let builtin =
+            fs::read_to_string(self.modules().join("modules.builtin")).unwrap_or_default();
+        let mut order: Vec<String> = Vec::new();
+        for w in wanted {
+            if builtin.lines().any(|p| name(p) == w.replace('-', "_")) {
+                continue;
+            }
+            let (path, needs) = dep.iter().find(|(p, _)| name(p) == w.replace('-', "_"))?;
+            // modprobe loads a module's dependencies last to first, then the module.
+            for p in needs.iter().rev().chain(std::iter::once(path)) {
+                if !order.contains(p) {
+                    order.push(p.clone());
+                }
+            }
+        }
+        Some(order)
+    }
 }
 
 const FETCH: &str = r#"set -eu
 k="$1"; kdir="$2"; out=/kmodforge/out
 mkdir -p "$out/lib/modules/$k"
 if [ -f "$kdir/Module.symvers" ]; then cp "$kdir/Module.symvers" "$out/Module.symvers"; fi
-tree() { # ROOT: the kernel's modules under ROOT/lib/modules/$k, without build and source
+tree() { # ROOT: the kernel's modules under ROOT/lib/modules/$k, without build and source,
+  # with the modules.dep a node's depmod made for them
   [ -d "$1/lib/modules/$k" ] || return 0
   tar -C "$1/lib/modules/$k" --exclude=./build --exclude=./source -cf - . | tar -C "$out/lib/modules/$k" -xf -
+  if [ -d "$out/lib/modules/$k/kernel" ]; then depmod -b "$out" "$k"; fi
 }
 if [ -f "/boot/vmlinuz-$k" ]; then
   cp "/boot/vmlinuz-$k" "$out/vmlinuz"; tree ""; exit 0
@@ -81,7 +125,7 @@ pub fn ensure(
 ) -> Result<KernelFiles> {
     let files = KernelFiles {
         dir: cache_dir()
-            .join("kernels")
+            .join("kernels-v2")
             .join(format!("{kver}-{}", &fingerprint[..12])),
         kver: kver.to_string(),
     };

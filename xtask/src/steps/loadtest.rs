@@ -147,7 +147,7 @@ pub fn run(r: &Request) -> Result<Report> {
         );
     }
     let busybox = crate::steps::image_base::busybox_binary(r.config, r.layout, r.log)?;
-    let in_tree = in_tree_closure(&image_fs, &modules_dir);
+    let in_tree = InTree::for_kernel(r.kernel, &image_fs, &modules_dir);
     let guest_files = Guest::files(
         busybox, &image_fs, prefix, r.kver, &subjects, r.kernel, &in_tree,
     )?;
@@ -157,6 +157,7 @@ pub fn run(r: &Request) -> Result<Report> {
         vmlinuz: r.kernel.vmlinuz(),
         initrd,
         memory_mb: memory_mb(guest_files.bytes()),
+        share: matches!(in_tree, InTree::Mounted { .. }).then(|| r.kernel.modules()),
     };
     let console_log = r.layout.log(r.kver, "qemu-console");
     let (console, wall, accel) = boot(&guest, &console_log, r.timeout)
@@ -166,7 +167,10 @@ pub fn run(r: &Request) -> Result<Report> {
         accel: accel.describe().to_string(),
         wall_seconds: wall.as_secs_f64(),
         memory_mb: guest.memory_mb,
-        in_tree_modules: in_tree.len(),
+        in_tree_modules: match &in_tree {
+            InTree::Mounted { .. } => r.kernel.modules_dep().len(),
+            InTree::Copied(files) => files.len(),
+        },
         console: console_log,
         verdicts: judge(&console, r.kver, &subjects, modules_dep),
     };
@@ -301,10 +305,25 @@ const MARK: &str = "@@kmodforge";
 
 /// The `/init` that replays KMM's worker for every subject: the init container's copy
 /// (its error kept), the host link checked, then modprobe for each module.
-pub fn init_script(kver: &str, prefix: &str, subjects: &[Subject]) -> String {
+pub fn init_script(kver: &str, prefix: &str, subjects: &[Subject], in_tree: &InTree) -> String {
     let tmp = format!("/tmp{prefix}");
     let tree = format!("{tmp}/lib/modules/{kver}");
     let link = crate::steps::depmod::HOST_LINK;
+    // The node's own /lib/modules/<kver>, as its kernel and KMM's worker see it.
+    let mount = match in_tree {
+        InTree::Mounted { boot } => {
+            let mut m = String::new();
+            for b in boot {
+                m.push_str(&format!("/sbin/insmod /lib/modules/{kver}/{b}\n"));
+            }
+            m.push_str(&format!(
+                "mount -t 9p -o trans=virtio,version=9p2000.L,ro {SHARE_TAG} /lib/modules/{kver} 2>/9p.err\n\
+                 say kernel-modules $? \"$(head -n1 /9p.err)\"\n"
+            ));
+            m
+        }
+        InTree::Copied(_) => String::new(),
+    };
     let mut s = format!(
         "#!/bin/busybox sh\n\
          /bin/busybox --install -s /bin\n\
@@ -313,6 +332,7 @@ pub fn init_script(kver: &str, prefix: &str, subjects: &[Subject]) -> String {
          say() {{ echo \"{MARK} $*\"; }}\n\
          state() {{ say modules $(cut -d' ' -f1 /proc/modules | tr '\\n' ' '); say dmesg-begin; dmesg -c; say dmesg-end; }}\n\
          say boot \"$(uname -r)\"\n\
+         {mount}\
          dmesg -c >/dev/null\n\
          # KMM's image-loader init container\n\
          mkdir -p {tmp}/lib/modules; cp -R {prefix}/lib/modules/{kver} {tmp}/lib/modules 2>/cp.err\n\
@@ -338,7 +358,42 @@ pub struct Guest {
     pub vmlinuz: PathBuf,
     pub initrd: PathBuf,
     pub memory_mb: u64,
+    /// The kernel's own modules, shared read-only with the guest (9p).
+    pub share: Option<PathBuf>,
 }
+
+/// How the guest gets the kernel's own modules at `/lib/modules/<kver>`, where a node has
+/// them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InTree {
+    /// All of them, shared read-only over 9p, as the node's whole tree (the kernel asks
+    /// for modules of its own too, e.g. a crypto algorithm): these modules, loaded from
+    /// the initramfs, mount it.
+    Mounted { boot: Vec<String> },
+    /// Only these, in the initramfs (for a kernel without 9p).
+    Copied(Vec<String>),
+}
+
+impl InTree {
+    fn for_kernel(kernel: &KernelFiles, image_fs: &FileSystem, modules_dir: &str) -> InTree {
+        let has_dep = kernel.modules().join("modules.dep").is_file();
+        match kernel.load_order(&["virtio_pci", "9pnet_virtio", "9p"]) {
+            Some(boot) if has_dep => InTree::Mounted { boot },
+            _ => InTree::Copied(in_tree_closure(image_fs, modules_dir)),
+        }
+    }
+
+    /// What of the kernel's modules the initramfs itself holds.
+    fn files(&self) -> &[String] {
+        match self {
+            InTree::Mounted { boot } => boot,
+            InTree::Copied(files) => files,
+        }
+    }
+}
+
+/// The 9p share's tag.
+const SHARE_TAG: &str = "kmfmodules";
 
 impl Guest {
     /// The initramfs: busybox, kmod, the image's `<prefix>` tree, the kernel's own
@@ -351,7 +406,7 @@ impl Guest {
         kver: &str,
         subjects: &[Subject],
         kernel: &KernelFiles,
-        in_tree: &[String],
+        in_tree: &InTree,
     ) -> Result<Initramfs> {
         let mut i = Initramfs::default();
         i.file("bin/busybox", 0o755, busybox);
@@ -359,6 +414,7 @@ impl Guest {
             i.file(&path, 0o755, data);
         }
         i.symlink("sbin/modprobe", "/bin/kmod");
+        i.symlink("sbin/insmod", "/bin/kmod");
         for d in ["proc", "sys", "dev", "tmp"] {
             i.add(crate::formats::oci::Entry::Dir { path: d.into() });
         }
@@ -382,7 +438,7 @@ impl Guest {
         i.add(crate::formats::oci::Entry::Dir {
             path: format!("lib/modules/{kver}"),
         });
-        for rel in in_tree {
+        for rel in in_tree.files() {
             let from = kernel.modules().join(rel);
             let data = fs::read(&from).with_context(|| {
                 format!(
@@ -395,7 +451,7 @@ impl Guest {
         i.file(
             "init",
             0o755,
-            init_script(kver, prefix, subjects).into_bytes(),
+            init_script(kver, prefix, subjects, in_tree).into_bytes(),
         );
         Ok(i)
     }
@@ -509,6 +565,15 @@ pub fn boot(
             .arg(&guest.vmlinuz)
             .arg("-initrd")
             .arg(&guest.initrd)
+            .args(guest.share.iter().flat_map(|dir| {
+                [
+                    "-virtfs".to_string(),
+                    format!(
+                        "local,path={},mount_tag={SHARE_TAG},security_model=none,readonly=on",
+                        dir.display()
+                    ),
+                ]
+            }))
             .args(["-append", "console=ttyS0 panic=-1 loglevel=7"])
             .run_logged(console_log, Some(limit));
         let wall = started.elapsed();
@@ -533,8 +598,10 @@ pub fn boot(
     Err(last_error.expect("at least one accelerator was tried"))
 }
 
+/// What in a kernel log means trouble: the kernel's own Oops, BUG, WARN and panic
+/// markers (as it prints them; a driver's "Warning:" is its own business), and refusals.
 static PROBLEM: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(r"(?i)\bOops\b|\bBUG[: ]|WARNING:|Unknown symbol|Call Trace:|general protection fault|Kernel panic|version magic .* should be|disagrees about version of symbol").unwrap()
+    Regex::new(r"\bOops\b|\bBUG: |WARNING: CPU: |Unknown symbol|Call Trace:|general protection fault|Kernel panic|version magic .* should be|disagrees about version of symbol").unwrap()
 });
 
 /// One step's output from the console: modprobe's lines, its exit status, the modules
@@ -556,6 +623,8 @@ struct Console {
     copy_failed: Option<String>,
     /// Where the host link points, when it resolves to nothing.
     link_broken: Option<String>,
+    /// Why the guest could not mount the kernel's own modules (a fault of the test).
+    no_kernel_modules: Option<String>,
 }
 
 fn parse_console(console: &str) -> Console {
@@ -563,6 +632,7 @@ fn parse_console(console: &str) -> Console {
     let mut current: Option<(String, &'static str)> = None;
     let (mut in_dmesg, mut ended) = (false, false);
     let (mut copy_failed, mut link_broken): (Option<String>, Option<String>) = (None, None);
+    let mut no_kernel_modules: Option<String> = None;
     for raw in console.lines() {
         let line = raw.trim_end_matches('\r');
         let Some(rest) = line.split_once(MARK).map(|(_, r)| r.trim()) else {
@@ -598,6 +668,14 @@ fn parse_console(console: &str) -> Console {
                 })
             }
             ("link-broken", _) => link_broken = Some(arg.trim().to_string()),
+            ("kernel-modules", _) if !arg.trim().starts_with('0') => {
+                let why = arg
+                    .trim()
+                    .split_once(' ')
+                    .map_or("", |(_, w)| w)
+                    .to_string();
+                no_kernel_modules = Some(why);
+            }
             _ => {}
         }
     }
@@ -606,6 +684,7 @@ fn parse_console(console: &str) -> Console {
         ended,
         copy_failed,
         link_broken,
+        no_kernel_modules,
     }
 }
 
@@ -635,6 +714,11 @@ pub fn judge(
                 modules_dep_present,
                 &mut reasons,
             );
+            if let (false, Some(why)) = (loaded, &console.no_kernel_modules) {
+                reasons.insert(0, format!(
+                    "the load test could not give the guest the kernel's own modules (9p mount: {why})"
+                ));
+            }
             if let (false, Some(target)) = (loaded, &console.link_broken) {
                 reasons.insert(
                     0,
@@ -728,7 +812,7 @@ fn refusal(s: &Subject, st: &Step, kver: &str, modules_dep_present: bool) -> Str
     let kernel = problems(Some(st)).into_iter().next().or_else(|| {
         st.dmesg
             .iter()
-            .find(|l| l.contains(&s.name))
+            .find(|l| l.contains(&s.name) && !l.contains("taints kernel"))
             .map(|l| strip_time(l))
     });
     let mut r = match kernel {
@@ -805,7 +889,18 @@ mod tests {
                 parameters: vec!["greeting=hi there".into()],
                 ..subject("kmf_param", &[])
             }],
+            &InTree::Mounted {
+                boot: vec!["kernel/fs/9p/9p.ko".into()],
+            },
         );
+        // The node's own modules, mounted where a node has them, before KMM's replay.
+        let mount = s.find("mount -t 9p -o trans=virtio,version=9p2000.L,ro kmfmodules /lib/modules/6.1.0-47-amd64").unwrap();
+        assert!(
+            s.find("/sbin/insmod /lib/modules/6.1.0-47-amd64/kernel/fs/9p/9p.ko")
+                .unwrap()
+                < mount
+        );
+        assert!(mount < s.find("cp -R").unwrap());
         // KMM's exact command, its error kept for the verdict.
         assert!(s.contains("mkdir -p /tmp/opt/lib/modules; cp -R /opt/lib/modules/6.1.0-47-amd64 /tmp/opt/lib/modules 2>/cp.err\n"), "{s}");
         assert!(
@@ -879,6 +974,20 @@ rmmod kmf_user
                 .starts_with("the image's host link points at /lib/modules/k"),
             "{v:?}"
         );
+    }
+
+    #[test]
+    fn only_the_kernels_own_markers_are_problems() {
+        for bad in [
+            "[ 1.0] WARNING: CPU: 0 PID: 1 at kmf.c:10 init+0x1/0x2",
+            "[ 1.0] BUG: kernel NULL pointer dereference, address: 0",
+            "[ 1.0] Oops: 0002 [#1] PREEMPT SMP",
+            "[ 1.0] kmf: Unknown symbol crc7_be (err -2)",
+        ] {
+            assert!(PROBLEM.is_match(bad), "{bad}");
+        }
+        let fine = "[ 1.0] dahdi: Warning: Span DAHDI_DUMMY/1 didn't specify a spantype.";
+        assert!(!PROBLEM.is_match(fine));
     }
 
     #[test]

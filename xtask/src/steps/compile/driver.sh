@@ -257,6 +257,9 @@ dkms() {
 		keep "${built_location[i]}${built_name[i]}.ko" "${dest_name[i]}.ko" "${strip_it[i]}" "updates/dkms"
 	done
 	symvers "$build"
+	# Where DKMS has stored the modules when POST_BUILD runs.
+	local stored=$dkms_tree/$module/$module_version/$kernelver/$arch
+	mkdir -p "$stored/module" "$stored/log" && cp "$out"/modules/*.ko "$stored/module/"
 	[ -z "${POST_BUILD:-}" ] || run_script POST_BUILD "$POST_BUILD"
 }
 
