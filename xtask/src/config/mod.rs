@@ -13,6 +13,7 @@ use std::sync::LazyLock;
 
 pub mod diag;
 pub mod dkms;
+pub mod envsubst;
 pub mod modules;
 pub mod template;
 

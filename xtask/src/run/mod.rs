@@ -8,4 +8,5 @@ pub mod jobserver;
 pub mod layout;
 pub mod pipeline;
 pub mod progress;
+pub mod results;
 pub mod schedule;
