@@ -27,3 +27,23 @@ pub fn scratch(
     let config = Config::load(&dir.path().join("kernels.toml"));
     (dir, config)
 }
+
+/// A C module folder `name` at a path that need not exist, with default settings.
+pub fn module(name: &str) -> crate::config::modules::Module {
+    use crate::config::modules::{Build, Language, Module};
+    Module {
+        name: name.to_string(),
+        dir: std::path::PathBuf::from("/nonexistent/modules").join(name),
+        language: Language::C,
+        kernels: None,
+        depends: Vec::new(),
+        build: Build::Kbuild {
+            make: None,
+            built_modules: None,
+            strip: true,
+        },
+        packages: Vec::new(),
+        test: Default::default(),
+        kmm: Default::default(),
+    }
+}

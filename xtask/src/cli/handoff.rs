@@ -79,25 +79,62 @@ pub(super) fn workflow(config: Config, args: &WorkflowArgs) -> Result<ExitCode> 
 
 #[derive(Args)]
 pub(super) struct KmmArgs {
-    /// Also write a ConfigMap with a Dockerfile that builds the C modules in the cluster
-    /// (FROM ${DTK_AUTO}), and point each Module's build at it.
-    #[arg(long)]
-    in_cluster_build: bool,
+    /// Also write a ConfigMap with a Dockerfile that builds the modules in the cluster,
+    /// exactly as build-all builds them, and give one Module per kernel the build:
+    /// `dtk` starts from OpenShift's Driver Toolkit (DTK_AUTO; no Rust modules),
+    /// `builder` from kmodforge's builder image of the kernel (`cargo xtask builders
+    /// --push`), for any cluster.
+    #[arg(long, value_enum, value_name = "FROM")]
+    in_cluster_build: Option<kmm::InCluster>,
     /// One `regexp` kernel mapping per Module instead of a `literal` per kernel.
     #[arg(long)]
     regexp: bool,
+    /// KMM's `version`: with it, a node loads a new image only once it is labelled
+    /// kmm.node.kubernetes.io/version-module.<namespace>.<module>=<version> (ordered
+    /// upgrades). Change it with every new set of images.
+    #[arg(long, value_name = "VERSION")]
+    version: Option<String>,
+    /// Fail unless every image is pinned by the digest kmodforge pushed it under.
+    #[arg(long)]
+    require_digests: bool,
+    /// Write KMM's PreflightValidation for this coming kernel instead, after checking
+    /// that every Module has a mapping and a pushed image (or an in-cluster build) for it.
+    #[arg(long, value_name = "KVER")]
+    preflight: Option<String>,
+    /// With --preflight: OpenShift's PreflightValidationOCP.
+    #[arg(long, requires = "preflight")]
+    ocp: bool,
+    /// With --preflight --ocp: the release's Driver Toolkit image, for DTK_AUTO.
+    #[arg(long, value_name = "IMAGE", requires = "ocp")]
+    dtk_image: Option<String>,
     /// Write the manifests here instead of to standard output.
     #[arg(short, long, value_name = "FILE")]
     output: Option<PathBuf>,
 }
 
-pub(super) fn kmm(config: Config, args: &KmmArgs) -> Result<ExitCode> {
-    let plan = Plan::new(&config, None, Scope::build())?;
+/// The manifests need the build results (the `.ko` names) and, to pin digests, the
+/// push records: both are read from `out`.
+pub(super) fn kmm(config: Config, out: PathBuf, args: &KmmArgs) -> Result<ExitCode> {
+    let plan = Plan::new(&config, None, Scope::image(true))?;
+    let layout = crate::run::layout::Layout::new(&out)?;
     let options = kmm::Options {
         regexp: args.regexp,
-        in_cluster_build: args.in_cluster_build,
+        in_cluster: args.in_cluster_build,
+        version: args.version.clone(),
+        require_digests: args.require_digests,
     };
-    let yaml = kmm::manifests(&plan, &options)?;
+    let handoff = kmm::analyze(&plan, &layout, &options)?;
+    let yaml = match &args.preflight {
+        Some(kver) => {
+            let p = kmm::preflight::Preflight {
+                kver: kver.clone(),
+                ocp: args.ocp,
+                dtk_image: args.dtk_image.clone(),
+            };
+            kmm::preflight::preflight(&handoff, &p, &options)?
+        }
+        None => kmm::write::manifests(&handoff, &options)?,
+    };
     match &args.output {
         Some(path) => {
             crate::host::fs::write_atomic(path, yaml.as_bytes())?;

@@ -60,3 +60,29 @@ pub(super) fn run(cli: &Cli, config: Config, args: &ImageArgs) -> Result<ExitCod
     let report = session.run(&plan, &options)?;
     Ok(exit_code(&report))
 }
+
+#[derive(Args)]
+pub(super) struct BuildersArgs {
+    #[command(flatten)]
+    kernels: super::KernelChoice,
+
+    /// Push each builder image to the registry its name ([kmm] builder) points at.
+    #[arg(long)]
+    push: bool,
+
+    #[command(flatten)]
+    build: BuildArgs,
+}
+
+/// `cargo xtask builders`: each kernel's builder image, for `kmm --in-cluster-build
+/// builder`.
+pub(super) fn builders(cli: &Cli, config: Config, args: &BuildersArgs) -> Result<ExitCode> {
+    let session = Session::open(cli, config, &args.build)?;
+    let plan = Plan::new(
+        &session.config,
+        args.kernels.only(),
+        Scope::builders(args.push),
+    )?;
+    let report = session.run(&plan, &session.options(&args.build))?;
+    Ok(exit_code(&report))
+}

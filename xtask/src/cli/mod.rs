@@ -82,6 +82,13 @@ enum Command {
     /// registry (skipped when the registry already holds the same content).
     /// SOURCE_DATE_EPOCH sets every time in the image (default: the last commit's).
     Image(image::ImageArgs),
+    /// Build each kernel's builder image for `kmm --in-cluster-build builder`.
+    ///
+    /// The kernel's toolchain, the extra packages its modules need, and the kernel's own
+    /// modules at /lib/modules/<kver>: what the in-cluster build starts from on a
+    /// cluster without OpenShift's Driver Toolkit. Named by [kmm] builder (default: the
+    /// image name's repository with -builder); --push sends it to its registry.
+    Builders(image::BuildersArgs),
     /// Boot each kernel under QEMU and load its image's modules the way KMM does.
     ///
     /// The kernel is the exact one the image was built for (Debian's linux-image package,
@@ -113,7 +120,13 @@ enum Command {
     Matrix(handoff::MatrixArgs),
     /// Write .github/workflows/kmods.yml from kernels.toml (or --check it).
     Workflow(handoff::WorkflowArgs),
-    /// Write the KMM Module manifests for the images (one Module per top-level module).
+    /// Write the KMM manifests for the images: one Module per top-level module folder.
+    ///
+    /// Each Module loads the .ko files its folder (and the folders it depends on) built,
+    /// with its [test] parameters, on every kernel it built for; so the current build
+    /// results are needed (`cargo xtask build-all` first). Images kmodforge pushed from
+    /// the current inputs are pinned by digest, so nodes reload when an image changes.
+    /// The selector and tolerations come from [kmm] in kernels.toml.
     Kmm(handoff::KmmArgs),
     /// Print figures for the speed targets: the no-op build-all's wall time and memory.
     Bench(bench::BenchArgs),
@@ -242,12 +255,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::BuildAll(args) => build_command(&cli, config, None, args),
         Command::Build { kernel, args } => build_command(&cli, config, Some(kernel), args),
         Command::Image(args) => image::run(&cli, config, args),
+        Command::Builders(args) => image::builders(&cli, config, args),
         Command::Test(args) => test::run(&cli, config, args),
         Command::Verify(args) => verify::run(&cli, config, args),
         Command::RustAnalyzer(args) => rust_analyzer::run(&cli, config, args),
         Command::Matrix(args) => handoff::matrix(config, args),
         Command::Workflow(args) => handoff::workflow(config, args),
-        Command::Kmm(args) => handoff::kmm(config, args),
+        Command::Kmm(args) => {
+            let out = cli.out.clone().unwrap_or_else(|| config.root.join("out"));
+            handoff::kmm(config, out, args)
+        }
         Command::Bench(args) => bench::run(&cli, config, args),
         Command::Plan => {
             print_plan(&Plan::new(&config, None, Scope::build())?);

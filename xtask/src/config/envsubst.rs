@@ -120,21 +120,28 @@ pub fn referenced(template: &str) -> Vec<String> {
     names
 }
 
-/// Go's `%q` for the strings KMM quotes in its error (printable text kept, `"` and `\` escaped).
+/// Go's `%q` (`strconv.Quote`) for the template KMM quotes in its error.
 fn go_quote(s: &str) -> String {
+    // strconv.IsPrint: letters, marks, numbers, punctuation, symbols and the ASCII space.
+    static PRINTABLE: LazyLock<Regex> =
+        LazyLock::new(|| Regex::new(r"^[\p{L}\p{M}\p{N}\p{P}\p{S} ]$").expect("static regex"));
     let mut out = String::with_capacity(s.len() + 2);
     out.push('"');
     for c in s.chars() {
         match c {
             '"' => out.push_str("\\\""),
             '\\' => out.push_str("\\\\"),
+            '\u{7}' => out.push_str("\\a"),
+            '\u{8}' => out.push_str("\\b"),
+            '\u{c}' => out.push_str("\\f"),
             '\n' => out.push_str("\\n"),
             '\r' => out.push_str("\\r"),
             '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 || c == '\u{7f}' => {
-                out.push_str(&format!("\\x{:02x}", c as u32))
-            }
-            c => out.push(c),
+            '\u{b}' => out.push_str("\\v"),
+            c if PRINTABLE.is_match(c.encode_utf8(&mut [0; 4])) => out.push(c),
+            c if (c as u32) < 0x80 => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c if (c as u32) < 0x10000 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push_str(&format!("\\U{:08x}", c as u32)),
         }
     }
     out.push('"');
@@ -643,6 +650,10 @@ mod tests {
         assert_eq!(
             kmm_resolve("i:${X", "6.1.0", None).unwrap_err(),
             r#"failed to substitute "i:${X": closing brace expected"#
+        );
+        assert_eq!(
+            kmm_resolve("\"a\tb\u{7f}\u{a0}é${", "6.1.0", None).unwrap_err(),
+            r#"failed to substitute "\"a\tb\x7f\u00a0é${": closing brace expected"#
         );
     }
 

@@ -14,6 +14,7 @@ use std::sync::LazyLock;
 pub mod diag;
 pub mod dkms;
 pub mod envsubst;
+pub mod kmm;
 pub mod modules;
 pub mod template;
 
@@ -22,6 +23,7 @@ use regex::Regex;
 use serde::Deserialize;
 use toml::Spanned;
 
+pub use self::kmm::KmmSettings;
 use self::modules::Module;
 use crate::config::diag::{Diagnostic, Diagnostics, Location, Source, display_path};
 use crate::config::template::Vars;
@@ -79,17 +81,6 @@ pub enum ImageBase {
     /// `scratch` plus Debian's static busybox providing `sh`, `mkdir` and `cp`, made by
     /// kmodforge from the Debian archive.
     Busybox,
-}
-
-/// The KMM Module the images are for (`[kmm]`): `${MOD_NAME}`, `${MOD_NAMESPACE}`.
-#[derive(Debug, Clone)]
-pub struct KmmSettings {
-    pub name: String,
-    pub namespace: String,
-    /// The pull secret of the images (KMM's `imageRepoSecret`).
-    pub image_repo_secret: Option<String>,
-    /// The nodes to load the modules on (KMM's `selector`).
-    pub selector: BTreeMap<String, String>,
 }
 
 /// KMM's `registryTLS` for one registry; both default to false (verified HTTPS).
@@ -197,7 +188,7 @@ struct RawFile {
     #[serde(default)]
     image: RawImage,
     #[serde(default)]
-    kmm: RawKmm,
+    kmm: kmm::RawKmm,
     #[serde(default)]
     registries: BTreeMap<Spanned<String>, RegistryTls>,
 }
@@ -224,15 +215,6 @@ struct RawBusybox {
 
 fn default_suite() -> String {
     "bookworm".into()
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-struct RawKmm {
-    name: Option<Spanned<String>>,
-    namespace: Option<Spanned<String>>,
-    image_repo_secret: Option<Spanned<String>>,
-    selector: Option<BTreeMap<String, String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -288,8 +270,9 @@ impl Config {
         let toolchains = toolchains(source, root, &raw, &mut diags);
         let module_names: BTreeSet<&str> = modules.iter().map(|m| m.name.as_str()).collect();
         let kernels = kernels(source, &raw, &module_names, &mut diags);
-        let kmm = kmm_settings(source, &raw.kmm, &mut diags);
-        let image = image_settings(source, &raw.image, &kmm, &mut diags);
+        let image = image_settings(source, &raw.image, &mut diags);
+        let kmm = kmm::settings(source, &raw.kmm, &image.name, &mut diags);
+        check_image_names(source, &raw, &kernels, &image, &kmm, &mut diags);
         let registries = registries(source, &raw.registries, &mut diags);
         diags.into_result()?;
         let config = Config {
@@ -715,62 +698,11 @@ fn toolchain(
     })
 }
 
-static DNS_LABEL: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$").unwrap());
-
-fn kmm_settings(source: &Source, raw: &RawKmm, diags: &mut Diagnostics) -> KmmSettings {
-    let mut get = |v: &Option<Spanned<String>>, default: &str, what: &str| match v {
-        Some(s) if DNS_LABEL.is_match(s.get_ref()) => s.get_ref().clone(),
-        Some(s) => {
-            diags.push(
-                source
-                    .error(
-                        &s.span(),
-                        format!("{what} {:?} is not a valid Kubernetes name", s.get_ref()),
-                    )
-                    .help("use lowercase letters, digits and '-', at most 63 characters"),
-            );
-            default.to_string()
-        }
-        None => default.to_string(),
-    };
-    let image_repo_secret = raw
-        .image_repo_secret
-        .as_ref()
-        .map(|_| get(&raw.image_repo_secret, "", "kmm.image-repo-secret"));
-    KmmSettings {
-        name: get(&raw.name, "kmodforge", "kmm.name"),
-        namespace: get(&raw.namespace, "default", "kmm.namespace"),
-        image_repo_secret,
-        selector: raw.selector.clone().unwrap_or_else(|| {
-            [("node-role.kubernetes.io/worker".to_string(), String::new())].into()
-        }),
-    }
-}
-
-impl KmmSettings {
-    /// KMM's variables for one kernel of this Module.
-    pub fn vars(&self, kver: &str) -> Vars {
-        Vars::kernel(kver)
-            .set("MOD_NAME", self.name.clone())
-            .set("MOD_NAMESPACE", self.namespace.clone())
-    }
-}
-
-fn image_settings(
-    source: &Source,
-    raw: &RawImage,
-    kmm: &KmmSettings,
-    diags: &mut Diagnostics,
-) -> ImageSettings {
+fn image_settings(source: &Source, raw: &RawImage, diags: &mut Diagnostics) -> ImageSettings {
     let name =
         match &raw.name {
             Some(n) => {
-                let checked = kmm
-                    .vars("6.12.117+deb12-amd64")
-                    .expand(n.get_ref())
-                    .and_then(|e| crate::config::template::image_reference(&e).map(drop));
-                if let Err(e) = checked {
+                if let Err(e) = check_image_template(n.get_ref()) {
                     diags.push(source.error(&n.span(), e).help(
                         "e.g. name = \"quay.io/example/${MOD_NAME}:${KERNEL_FULL_VERSION}\"",
                     ));
@@ -822,6 +754,70 @@ fn image_settings(
             .as_ref()
             .map(|b| b.sources.clone())
             .unwrap_or_default(),
+    }
+}
+
+/// An image name template uses only the variables KMM defines for `containerImage`
+/// (KMM would make any other one empty) and resolves to a valid reference.
+pub fn check_image_template(template: &str) -> Result<(), String> {
+    let known = [
+        "KERNEL_FULL_VERSION",
+        "KERNEL_VERSION",
+        "KERNEL_XYZ",
+        "KERNEL_X",
+        "KERNEL_Y",
+        "KERNEL_Z",
+        "MOD_NAME",
+        "MOD_NAMESPACE",
+    ];
+    if let Some(unknown) = envsubst::referenced(template)
+        .into_iter()
+        .find(|n| !known.contains(&n.as_str()))
+    {
+        return Err(format!(
+            "${unknown} is not one of KMM's variables (KMM would substitute an empty string); known: ${}",
+            known.join(", $")
+        ));
+    }
+    let resolved = envsubst::kmm_resolve(template, "6.12.117+deb12-amd64", Some(("m", "ns")))?;
+    template::image_reference(&resolved).map(drop)
+}
+
+/// What KMM makes of the image name for each kernel is a valid image reference, and KMM
+/// can map the kernel at all (its version has three fields): reported at the kernel.
+fn check_image_names(
+    source: &Source,
+    raw: &RawFile,
+    kernels: &[Kernel],
+    image: &ImageSettings,
+    kmm: &KmmSettings,
+    diags: &mut Diagnostics,
+) {
+    let templates = std::iter::once(("[image] name", &image.name))
+        .chain(std::iter::once(("[kmm] builder", &kmm.builder)))
+        .chain(kmm.sign.iter().map(|s| ("[kmm.sign] image", &s.image)));
+    let templates: Vec<(&str, &String)> = templates.collect();
+    for k in kernels {
+        let Some(raw_kernel) = raw
+            .kernel
+            .iter()
+            .find(|r| r.get_ref().version.get_ref().trim() == k.version)
+        else {
+            continue;
+        };
+        for (what, template) in &templates {
+            let resolved =
+                envsubst::kmm_resolve(template, &k.version, Some((&kmm.name, &kmm.namespace)))
+                    .and_then(|r| template::image_reference(&r));
+            if let Err(e) = resolved {
+                diags.push(
+                    source
+                        .error(&raw_kernel.get_ref().version.span(), format!("for kernel {}, {what}: {e}", shown(&k.version)))
+                        .help("KMM substitutes the kernel version normalized (characters outside [A-Za-z0-9._-] become '_') and needs major.minor.patch"),
+                );
+                break;
+            }
+        }
     }
 }
 

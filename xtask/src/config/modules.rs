@@ -8,7 +8,11 @@
 //! make = ["make", "-C", "${kernel_source_dir}", "M=${module_dir}", "modules"]  # DKMS MAKE[]
 //! built-modules = ["src/foo.ko"]    # where the .ko files land (DKMS BUILT_MODULE_LOCATION)
 //! [test]
-//! parameters = ["greeting=hello"]   # module parameters for the load test
+//! parameters = ["greeting=hello"]   # module parameters: the load test's and KMM's
+//! needs-hardware = true             # its init fails without its device
+//! [kmm]
+//! module = "foo"                    # the .ko KMM loads by name (moduleName)
+//! name = "foo-driver"               # the KMM Module's name
 //! ```
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -49,6 +53,19 @@ pub struct Module {
     /// Extra packages its toolchain needs (pkg-config, perl, lib*-dev...).
     pub packages: Vec<Package>,
     pub test: ModuleTest,
+    pub kmm: ModuleKmm,
+}
+
+/// module.toml's `[kmm]`: what the folder's KMM Module says, where kmodforge's choice
+/// does not fit.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ModuleKmm {
+    /// The `.ko` KMM loads by name (`moduleName`); by default the one named like the
+    /// folder, or the folder's only one.
+    pub module: Option<String>,
+    /// The Module's name; by default `<[kmm] name>-<folder>`.
+    pub name: Option<String>,
 }
 
 /// How a module folder is built.
@@ -138,6 +155,8 @@ struct RawModule {
     toolchain: RawToolchainNeeds,
     #[serde(default)]
     test: ModuleTest,
+    #[serde(default)]
+    kmm: ModuleKmm,
 }
 
 #[derive(Deserialize, Default)]
@@ -185,7 +204,23 @@ pub fn discover(dir: &Path) -> Result<Vec<Module>> {
     entries.sort_by_key(|e| e.file_name());
     for entry in entries {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with('.') || !entry.file_type()?.is_dir() {
+        if name.starts_with('.') {
+            continue;
+        }
+        let kind = entry.file_type()?;
+        if kind.is_symlink() && entry.path().is_dir() {
+            let target = std::fs::read_link(entry.path()).unwrap_or_default();
+            diags.push(
+                Diagnostic::new(format!(
+                    "{} is a symbolic link to {}: a module is a folder in modules/ itself",
+                    display_path(&entry.path()),
+                    target.display()
+                ))
+                .help("move or copy the folder into modules/"),
+            );
+            continue;
+        }
+        if !kind.is_dir() {
             continue;
         }
         match load(&entry.path(), &name) {
@@ -226,8 +261,51 @@ fn read_manifest(dir: &Path) -> Result<(RawModule, Option<Source>), Diagnostics>
     Ok((source.parse::<RawModule>()?, Some(source)))
 }
 
+/// The target of the symbolic link `rel` in module folder `dir` when it stays inside the
+/// folder (relative, and never climbing out); otherwise an error naming the link: its
+/// target would be a file of whatever machine reads it.
+pub fn link_inside(dir: &Path, rel: &Path) -> Result<PathBuf> {
+    let link = dir.join(rel);
+    let target = std::fs::read_link(&link)
+        .with_context(|| format!("cannot read the link {}", display_path(&link)))?;
+    let mut depth: i64 = rel.components().count() as i64 - 1;
+    let mut inside = target.is_relative();
+    for c in target.components() {
+        match c {
+            std::path::Component::ParentDir => depth -= 1,
+            std::path::Component::Normal(_) => depth += 1,
+            _ => {}
+        }
+        inside &= depth >= 0;
+    }
+    if !inside {
+        anyhow::bail!(
+            "{} is a symbolic link to {}, outside its module folder: kmodforge does not follow it into a build or an image\n  help: copy the file into the folder, or remove the link",
+            display_path(&link),
+            target.display()
+        );
+    }
+    Ok(target)
+}
+
+/// Every symbolic link in a module folder stays inside it.
+fn check_links(dir: &Path) -> Result<(), Diagnostics> {
+    let files = crate::run::fingerprint::walk_module_files(dir)
+        .map_err(|e| Diagnostics(vec![Diagnostic::new(format!("{e:#}"))]))?;
+    let mut diags = Diagnostics::default();
+    for rel in files {
+        if dir.join(&rel).is_symlink()
+            && let Err(e) = link_inside(dir, &rel)
+        {
+            diags.push(Diagnostic::new(format!("{e:#}")));
+        }
+    }
+    diags.into_result()
+}
+
 fn load(dir: &Path, name: &str) -> Result<Module, Diagnostics> {
     check_name(name).map_err(|e| Diagnostic::new(format!("{}: {e}", display_path(dir))))?;
+    check_links(dir)?;
     let (raw, source) = read_manifest(dir)?;
     let source = source.unwrap_or_else(|| Source {
         path: dir.join(MANIFEST),
@@ -259,6 +337,7 @@ fn load(dir: &Path, name: &str) -> Result<Module, Diagnostics> {
         build,
         packages,
         test: raw.test,
+        kmm: raw.kmm,
     })
 }
 

@@ -85,8 +85,10 @@ pub fn normalize_tag(s: &str) -> String {
         .collect()
 }
 
-/// Splits an expanded image name into repository and tag, normalizes the tag the way
-/// KMM does, and checks the repository is a valid reference (lowercase path).
+/// Checks a resolved image name is a reference an engine and a registry accept: a
+/// lowercase repository path and a tag of `[A-Za-z0-9_.-]` (at most 128 characters, not
+/// starting with `.` or `-`). KMM normalizes only the kernel version it substitutes, so
+/// a tag that is still invalid here is invalid for KMM too: refused, not rewritten.
 pub fn image_reference(expanded: &str) -> Result<String, String> {
     let slash = expanded.rfind('/').map_or(0, |i| i + 1);
     let (repo, tag) = match expanded[slash..].find(':') {
@@ -115,10 +117,13 @@ pub fn image_reference(expanded: &str) -> Result<String, String> {
             "image repository {repo:?} is not valid: use lowercase letters, digits, '.', '_', '-' and '/'"
         ));
     }
-    let tag = normalize_tag(tag);
-    if tag.is_empty() || tag.len() > 128 {
+    let tag_ok = tag
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+        && tag.starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_');
+    if tag.is_empty() || tag.len() > 128 || !tag_ok {
         return Err(format!(
-            "image tag of {expanded:?} must be 1 to 128 characters"
+            "image tag {tag:?} of {expanded:?} is not valid: 1 to 128 of [A-Za-z0-9_.-], not starting with '.' or '-'"
         ));
     }
     Ok(format!("{repo}:{tag}"))
@@ -161,10 +166,17 @@ mod tests {
     }
 
     #[test]
-    fn image_references_keep_the_repository_and_normalize_the_tag() {
+    fn image_references_are_checked_not_rewritten() {
+        // KMM normalizes the kernel version it substitutes, never the template's text.
+        assert!(
+            image_reference("quay.io/a/b:6.12.117+deb12-amd64")
+                .unwrap_err()
+                .contains("not valid")
+        );
+        assert!(image_reference("quay.io/a/b:-x").is_err());
         assert_eq!(
-            image_reference("quay.io/a/b:6.12.117+deb12-amd64").unwrap(),
-            "quay.io/a/b:6.12.117_deb12-amd64"
+            image_reference("quay.io/a/b:_6.12.117_deb12-amd64").unwrap(),
+            "quay.io/a/b:_6.12.117_deb12-amd64"
         );
         assert_eq!(
             image_reference("127.0.0.1:5000/kmods:6.1.0-47-amd64").unwrap(),

@@ -82,6 +82,10 @@ fn own_inputs(plan: &Plan, kind: &JobKind, f: &mut Fingerprint) -> Result<()> {
             busybox(config, f);
         }
         JobKind::Verify { .. } => {}
+        JobKind::Builder { kernel } | JobKind::BuilderPush { kernel } => {
+            let kver = plan.kernels[*kernel].kver();
+            f.field("builder", &crate::steps::builder::reference(config, kver)?);
+        }
     }
     Ok(())
 }

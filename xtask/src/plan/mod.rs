@@ -35,6 +35,8 @@ pub struct Scope {
     pub test: bool,
     /// The static checks of what is already there (builds nothing by itself).
     pub verify: bool,
+    /// The in-cluster build's builder images (pushed too with `push`), instead of trees.
+    pub builders: bool,
     /// A kernel gets a staging tree only when all its modules built (a CI gate);
     /// otherwise every kernel ships what built.
     pub all_or_nothing: bool,
@@ -63,6 +65,14 @@ impl Scope {
         }
     }
 
+    pub fn builders(push: bool) -> Scope {
+        Scope {
+            builders: true,
+            push,
+            ..Scope::default()
+        }
+    }
+
     pub fn verify() -> Scope {
         Scope {
             verify: true,
@@ -78,6 +88,7 @@ impl Scope {
             push: true,
             test: true,
             verify: false,
+            builders: false,
             all_or_nothing: false,
         }
     }
@@ -143,6 +154,10 @@ pub enum JobKind {
     LoadTest { kernel: usize },
     /// The static checks of the kernel's staging tree and image.
     Verify { kernel: usize },
+    /// The kernel's builder image for the in-cluster build.
+    Builder { kernel: usize },
+    /// Push the kernel's builder image.
+    BuilderPush { kernel: usize },
 }
 
 impl JobKind {
@@ -158,7 +173,9 @@ impl JobKind {
             | JobKind::Image { kernel }
             | JobKind::Push { kernel }
             | JobKind::LoadTest { kernel }
-            | JobKind::Verify { kernel } => Some(*kernel),
+            | JobKind::Verify { kernel }
+            | JobKind::Builder { kernel }
+            | JobKind::BuilderPush { kernel } => Some(*kernel),
         }
     }
 
@@ -177,6 +194,8 @@ impl JobKind {
             JobKind::Push { .. } => "push",
             JobKind::LoadTest { .. } => "test",
             JobKind::Verify { .. } => "verify",
+            JobKind::Builder { .. } => "builder",
+            JobKind::BuilderPush { .. } => "builder push",
         }
     }
 }
@@ -258,11 +277,15 @@ impl<'c> Plan<'c> {
         let mut bases: BTreeMap<String, usize> = BTreeMap::new();
         let mut image_base = None;
         for k in 0..self.kernels.len() {
-            if !needs_tree {
+            if !needs_tree && !scope.builders {
                 self.push(JobKind::Verify { kernel: k }, vec![], vec![]);
                 continue;
             }
             let toolchain = self.add_toolchain(k, &mut bases);
+            if scope.builders {
+                self.add_builder(k, toolchain);
+                continue;
+            }
             let depmod = self.add_build(k, toolchain);
             if !(scope.image || scope.test) {
                 continue;
@@ -305,10 +328,9 @@ impl<'c> Plan<'c> {
         self.push(JobKind::Toolchain { kernel: k }, deps, vec![])
     }
 
-    /// The kernel's derived toolchains, compile jobs (users after their exporters) and
-    /// its depmod job, which runs with whatever built unless the scope is all-or-nothing.
-    fn add_build(&mut self, k: usize, toolchain: usize) -> usize {
-        let sets: Vec<usize> = (0..self.kernels[k].package_sets.len())
+    /// The kernel's derived toolchains, one per package set.
+    fn add_packages(&mut self, k: usize, toolchain: usize) -> Vec<usize> {
+        (0..self.kernels[k].package_sets.len())
             .map(|set| {
                 self.push(
                     JobKind::Packages { kernel: k, set },
@@ -316,7 +338,24 @@ impl<'c> Plan<'c> {
                     vec![],
                 )
             })
-            .collect();
+            .collect()
+    }
+
+    /// The kernel's builder image (after its toolchain and package sets, whose
+    /// packages it holds) and its push.
+    fn add_builder(&mut self, k: usize, toolchain: usize) {
+        let mut deps = vec![toolchain];
+        deps.extend(self.add_packages(k, toolchain));
+        let builder = self.push(JobKind::Builder { kernel: k }, deps, vec![]);
+        if self.scope.push {
+            self.push(JobKind::BuilderPush { kernel: k }, vec![builder], vec![]);
+        }
+    }
+
+    /// The kernel's derived toolchains, compile jobs (users after their exporters) and
+    /// its depmod job, which runs with whatever built unless the scope is all-or-nothing.
+    fn add_build(&mut self, k: usize, toolchain: usize) -> usize {
+        let sets = self.add_packages(k, toolchain);
         let mut compiles: Vec<usize> = Vec::new();
         for m in 0..self.kernels[k].modules.len() {
             let module = self.kernels[k].modules[m];

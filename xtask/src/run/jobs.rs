@@ -17,6 +17,7 @@ use crate::run::jobserver::Jobserver;
 use crate::run::layout::Layout;
 use crate::run::pipeline::Options;
 use crate::run::progress::Status;
+use crate::steps::builder;
 use crate::steps::compile::{Compile, MakeJobs, Record};
 use crate::steps::image::{BuiltImage, LayerRecord, Provenance};
 use crate::steps::image_base::BaseImage;
@@ -155,6 +156,8 @@ impl<'a> Context<'a> {
             JobKind::Push { kernel } => self.push(i, *kernel, &log),
             JobKind::LoadTest { kernel } => self.load_test(i, *kernel, &log),
             JobKind::Verify { kernel } => self.verify(i, *kernel),
+            JobKind::Builder { kernel } => self.builder(i, *kernel, &log),
+            JobKind::BuilderPush { kernel } => self.builder_push(i, *kernel, &log),
         };
         result.unwrap_or_else(|e| Status::Failed(format!("{e:#}")))
     }
@@ -388,14 +391,57 @@ impl<'a> Context<'a> {
 
     fn push(&self, i: usize, k: usize, log: &std::path::Path) -> Result<Status> {
         let built = self.images[k].get().expect("the image job ran first");
-        let line = match publish::push(self.plan.config, built, self.options.force_push, log)? {
-            publish::Pushed::Pushed => format!("pushed {}", built.reference),
-            publish::Pushed::Identical(digest) => format!(
-                "skipped push: {} already holds an image with the same content ({digest}); --force pushes anyway",
-                built.reference
+        let (line, digest) = match publish::push(
+            self.plan.config,
+            built,
+            self.options.force_push,
+            log,
+        )? {
+            publish::Pushed::Pushed(digest) => {
+                (format!("pushed {}@{digest}", built.reference), digest)
+            }
+            publish::Pushed::Identical(digest) => (
+                format!(
+                    "skipped push: {} already holds an image with the same content ({digest}); --force pushes anyway",
+                    built.reference
+                ),
+                digest,
             ),
         };
+        publish::PushRecord {
+            fingerprint: self.fingerprints[i].clone(),
+            reference: built.reference.clone(),
+            digest,
+        }
+        .save(self.layout, &built.kver)?;
         self.note(i, line);
+        Ok(Status::Done)
+    }
+
+    fn builder(&self, i: usize, k: usize, log: &std::path::Path) -> Result<Status> {
+        let kp = &self.plan.kernels[k];
+        let kernel = self.kernel_files(k, log)?;
+        let mut packages: Vec<String> = kp.package_sets.concat();
+        packages.sort();
+        packages.dedup();
+        let reference = builder::reference(self.plan.config, kp.kver())?;
+        builder::build(
+            self.engine,
+            self.layout,
+            &self.facts(k).image,
+            &packages,
+            &kernel,
+            &reference,
+            log,
+        )?;
+        self.note(i, format!("built {reference}"));
+        Ok(Status::Done)
+    }
+
+    fn builder_push(&self, i: usize, k: usize, log: &std::path::Path) -> Result<Status> {
+        let reference = builder::reference(self.plan.config, self.kver(k))?;
+        builder::push(self.plan.config, self.engine, &reference, log)?;
+        self.note(i, format!("pushed {reference}"));
         Ok(Status::Done)
     }
 

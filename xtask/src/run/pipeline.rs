@@ -99,7 +99,9 @@ pub fn jobs_to_run(plan: &Plan, stale: &[bool]) -> Vec<bool> {
             JobKind::Image { .. }
             | JobKind::Push { .. }
             | JobKind::LoadTest { .. }
-            | JobKind::Verify { .. } => true,
+            | JobKind::Verify { .. }
+            | JobKind::Builder { .. }
+            | JobKind::BuilderPush { .. } => true,
             JobKind::Base { .. }
             | JobKind::Toolchain { .. }
             | JobKind::Packages { .. }
@@ -132,6 +134,8 @@ fn default_estimate(kind: &JobKind) -> f64 {
         JobKind::Depmod { .. } | JobKind::Layer { .. } | JobKind::Verify { .. } => 1.0,
         JobKind::ImageBase | JobKind::Image { .. } | JobKind::Push { .. } => 3.0,
         JobKind::LoadTest { .. } => 30.0,
+        JobKind::Builder { .. } => 60.0,
+        JobKind::BuilderPush { .. } => 30.0,
     }
 }
 

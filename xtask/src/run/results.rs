@@ -13,7 +13,10 @@ use crate::steps::compile::Record;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
     /// Built from the current inputs: the `.ko` file names, where they go in the tree.
-    Built { modules: Vec<String>, location: String },
+    Built {
+        modules: Vec<String>,
+        location: String,
+    },
     /// Deliberately not built (a BUILD_EXCLUSIVE_*, a Rust module for a kernel without
     /// Rust), with the reason.
     Skipped(String),
@@ -43,7 +46,9 @@ impl Results {
             outcomes[kernel][module] = match plan.config.cannot_build(kp.kernel, m) {
                 Some(why) => Outcome::Skipped(why),
                 None => match Record::fresh(layout, kp.kver(), &m.name, fp) {
-                    Some(Record { skipped: Some(why), .. }) => Outcome::Skipped(why),
+                    Some(Record {
+                        skipped: Some(why), ..
+                    }) => Outcome::Skipped(why),
                     Some(r) => Outcome::Built {
                         modules: r.modules,
                         location: r.location,

@@ -126,14 +126,14 @@ pub struct BuiltImage {
     pub layers: Vec<String>,
 }
 
-/// The image reference for a kernel, from the `[image] name` template.
+/// The image reference for a kernel: the `[image] name` template resolved exactly as KMM
+/// resolves `containerImage` for `[kmm] name` (envsubst, the kernel version normalized),
+/// and checked.
 pub fn reference(config: &Config, kver: &str) -> Result<String> {
-    let expanded = config
-        .kmm
-        .vars(kver)
-        .expand(&config.image.name)
+    let module = (config.kmm.name.as_str(), config.kmm.namespace.as_str());
+    let resolved = crate::config::envsubst::kmm_resolve(&config.image.name, kver, Some(module))
         .map_err(anyhow::Error::msg)?;
-    image_reference(&expanded).map_err(anyhow::Error::msg)
+    image_reference(&resolved).map_err(anyhow::Error::msg)
 }
 
 /// kmodforge's layer of a kernel's image: `<prefix>/lib/modules/<kver>/` and nothing

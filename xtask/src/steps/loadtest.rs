@@ -179,8 +179,9 @@ pub fn run(r: &Request) -> Result<Report> {
 }
 
 /// What module.toml says of each `.ko` for the test, by module name: its parameters
-/// and whether it needs hardware. Each folder's `[test]` applies to every `.ko` it built
-/// for this kernel (or to the `.ko` of its own name).
+/// and whether it needs hardware. A folder's `[test] parameters` go to the module its
+/// KMM Module loads by name, as the manifests deploy them; `needs-hardware` to every
+/// `.ko` it covers.
 fn hints(config: &Config, layout: &Layout, kver: &str) -> BTreeMap<String, (Vec<String>, bool)> {
     let mut out = BTreeMap::new();
     for m in &config.modules {
@@ -191,7 +192,12 @@ fn hints(config: &Config, layout: &Layout, kver: &str) -> BTreeMap<String, (Vec<
         for ko in kos {
             let name = ko.trim_end_matches(".ko").replace('-', "_");
             let hw = m.test.needs_hardware.covers(&name);
-            out.insert(name, (m.test.parameters.clone(), hw));
+            out.insert(name, (Vec::new(), hw));
+        }
+        if let Some(spec) = crate::handoff::kmm::load_spec(config, layout, kver, m)
+            && let Some(entry) = out.get_mut(&spec.module_name)
+        {
+            entry.0 = spec.parameters;
         }
     }
     out

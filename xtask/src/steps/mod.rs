@@ -1,7 +1,9 @@
 //! What each job of a plan does, one file per step, in pipeline order:
 //! [`toolchain`] → [`compile`] → [`depmod`] → [`image`] → [`publish`], with the
-//! [`loadtest`] (QEMU) and [`verify`] (static checks) on the results.
+//! [`loadtest`] (QEMU) and [`verify`] (static checks) on the results; [`builder`] makes
+//! the images an in-cluster build starts from.
 
+pub mod builder;
 pub mod compile;
 pub mod depmod;
 pub mod image;

@@ -9,15 +9,19 @@
 //! (`insecure-skip-tls-verify`). Like KMM, a push is skipped when the registry already
 //! holds an image with the same content (the same layers); `--force` pushes anyway.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
 
 use anyhow::{Result, anyhow};
 
 use crate::config::Config;
 use crate::config::template::registry_host;
 use crate::host::engine::Engine;
+use crate::host::fs::{read_json, write_json};
 use crate::host::process::{append_log, process_error};
 use crate::host::skopeo::{self, Location};
+use crate::run::layout::Layout;
 use crate::steps::image::BuiltImage;
 
 /// Copies the image into the engine's local storage under its reference.
@@ -45,7 +49,8 @@ fn source(image: &BuiltImage) -> Location<'_> {
 }
 
 pub enum Pushed {
-    Pushed,
+    /// Pushed; the registry holds it under this digest.
+    Pushed(String),
     /// The registry already had an image with these layers, under this digest.
     Identical(String),
 }
@@ -62,10 +67,14 @@ pub fn push(config: &Config, image: &BuiltImage, force: bool, log: &Path) -> Res
         reference: &image.reference,
         verify_tls: config.tls_verify(&image.reference),
     };
+    let digest_file = tempfile::NamedTempFile::new()?;
     skopeo::copy(&source(image), &to)
+        .arg("--digestfile")
+        .arg(digest_file.path())
         .run_logged(log, None)
         .map_err(|e| explain(config, &image.reference, "push", e))?;
-    Ok(Pushed::Pushed)
+    let digest = std::fs::read_to_string(digest_file.path())?;
+    Ok(Pushed::Pushed(digest.trim().to_string()))
 }
 
 /// The digest and layer digests of the image the registry holds under the reference,
@@ -126,4 +135,35 @@ fn explain(config: &Config, reference: &str, what: &str, e: anyhow::Error) -> an
         String::new()
     };
     anyhow!("cannot {what} {reference}: {msg}{help}")
+}
+
+/// What the last push of a kernel's image sent where: `kmm` pins the digest in the
+/// kernel's mapping when the record's inputs are the current ones.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PushRecord {
+    /// The push job's fingerprint (its image's inputs).
+    pub fingerprint: String,
+    pub reference: String,
+    pub digest: String,
+}
+
+impl PushRecord {
+    fn path(layout: &Layout, kver: &str) -> PathBuf {
+        layout.kernel_state(kver).join("push.json")
+    }
+
+    pub fn save(&self, layout: &Layout, kver: &str) -> Result<()> {
+        write_json(&Self::path(layout, kver), self)
+    }
+
+    /// The record of `kver`'s push when it was made from these inputs to this reference.
+    pub fn fresh(
+        layout: &Layout,
+        kver: &str,
+        fingerprint: &str,
+        reference: &str,
+    ) -> Option<PushRecord> {
+        read_json::<PushRecord>(&Self::path(layout, kver))
+            .filter(|r| r.fingerprint == fingerprint && r.reference == reference)
+    }
 }

@@ -109,6 +109,49 @@ pub fn make_command(make: Option<&[String]>, kver: &str, kdir: &str) -> Vec<Stri
     }
 }
 
+/// The driver's environment and arguments for building `module` for `kver` against the
+/// kernel build tree `kdir`, with `deps` (folder names) mounted under `/kmodforge/deps`:
+/// the same for the local build and the in-cluster one, which must run the same argv.
+pub fn invocation(
+    module: &Module,
+    kver: &str,
+    kdir: &str,
+    deps: &[&str],
+) -> (Vec<(String, String)>, Vec<String>) {
+    let mut env = vec![
+        ("kernelver".to_string(), kver.to_string()),
+        ("kernel_source_dir".to_string(), kdir.to_string()),
+    ];
+    if !deps.is_empty() {
+        let symvers: Vec<String> = deps
+            .iter()
+            .map(|d| format!("{DEPS}/{d}/Module.symvers"))
+            .collect();
+        env.push(("KBUILD_EXTRA_SYMBOLS".into(), symvers.join(" ")));
+    }
+    let mut argv = Vec::new();
+    match &module.build {
+        Build::Kbuild {
+            make,
+            built_modules,
+            strip,
+        } => {
+            env.push(("KMF_MODE".into(), "kbuild".into()));
+            env.push(("KMF_STRIP".into(), if *strip { "yes" } else { "no" }.into()));
+            if let Some(list) = built_modules {
+                env.push(("KMF_BUILT".into(), list.join("\n")));
+            }
+            argv = make_command(make.as_deref(), kver, kdir);
+        }
+        Build::Dkms(_) => env.push(("KMF_MODE".into(), "dkms".into())),
+    }
+    (env, argv)
+}
+
+/// kmodforge's build driver (bash), as the compile container and the in-cluster build
+/// run it.
+pub const DRIVER_SCRIPT: &str = DRIVER;
+
 /// How a compile's `make` gets its parallelism.
 pub enum MakeJobs<'a> {
     /// The run's jobserver (podman passes its pipe into the container).
@@ -231,33 +274,9 @@ impl Compile<'_> {
             container: c,
             read_only: true,
         }));
-        let mut env = vec![
-            ("kernelver".to_string(), self.kver.to_string()),
-            ("kernel_source_dir".to_string(), self.kdir.to_string()),
-        ];
-        if !dep_dirs.is_empty() {
-            let symvers: Vec<String> = dep_dirs
-                .iter()
-                .map(|(c, _)| format!("{c}/Module.symvers"))
-                .collect();
-            env.push(("KBUILD_EXTRA_SYMBOLS".into(), symvers.join(" ")));
-        }
+        let (mut env, argv) = invocation(self.module, self.kver, self.kdir, &self.deps);
         let mut command = vec!["bash".to_string(), "/kmodforge/driver.sh".into()];
-        match &self.module.build {
-            Build::Kbuild {
-                make,
-                built_modules,
-                strip,
-            } => {
-                env.push(("KMF_MODE".into(), "kbuild".into()));
-                env.push(("KMF_STRIP".into(), if *strip { "yes" } else { "no" }.into()));
-                if let Some(list) = built_modules {
-                    env.push(("KMF_BUILT".into(), list.join("\n")));
-                }
-                command.extend(make_command(make.as_deref(), self.kver, self.kdir));
-            }
-            Build::Dkms(_) => env.push(("KMF_MODE".into(), "dkms".into())),
-        }
+        command.extend(argv);
         let mut fds = Vec::new();
         match &self.jobs {
             MakeJobs::Server(js) => {
