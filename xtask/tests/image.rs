@@ -319,6 +319,17 @@ fn push_follows_kmm_registry_tls_and_skips_identical_content() {
     let local = read_layout(&p.out().join("images").join(K61));
     assert_eq!(remote["layers"], local.manifest["layers"]);
 
+    // KMM's mapping pins the digest the registry holds, so a new image reaches the nodes.
+    let digest = skopeo_inspect(&reference, false).unwrap()["Digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let yaml = p.run(&["kmm", "--require-digests"]).ok().stdout;
+    assert!(
+        yaml.contains(&format!("containerImage: {reference}@{digest}")),
+        "{yaml}"
+    );
+
     // The same content again: skipped, and said so; --force pushes anyway.
     let again = push(&p, &[]).ok();
     assert!(

@@ -260,6 +260,52 @@ mod tests {
         assert_eq!(base64(b"foobar"), "Zm9vYmFy");
     }
 
+    /// The in-cluster build runs exactly the argv the local build runs: bash reads the
+    /// generated line back into the same words, `$(...)`, backticks and quotes included.
+    #[test]
+    fn build_lines_carry_the_exact_argv() {
+        let hostile = r#"X=$(touch /tmp/kmf-pwned) `id` "q" 'a' \"#;
+        let manifest = format!(
+            "make = [\"make\", \"-C\", \"${{kernel_source_dir}}\", {}, \"modules\"]\n",
+            toml::Value::String(hostile.into())
+        );
+        let (_dir, config) = crate::testing::scratch(
+            "[defaults]\ntoolchain = \"deb\"\n[toolchains.deb]\nrecipe = \"images/tc.Containerfile\"\n[[kernel]]\nversion = \"6.1.0-47-amd64\"\n",
+            &[("kmf_evil", Some(&manifest))],
+        );
+        let config = config.unwrap();
+        let plan = crate::plan::Plan::new(&config, None, crate::plan::Scope::build()).unwrap();
+        let h = Handoff {
+            plan: &plan,
+            modules: vec![],
+            images: vec![],
+            trees: vec![],
+            notes: vec![],
+        };
+        let script = build_script(&h, InCluster::Builder).unwrap();
+        let line = script.lines().find(|l| l.starts_with("\tbuild ")).unwrap();
+        let out = std::process::Command::new("bash")
+            .arg("-c")
+            .arg(format!("build() {{ printf '%s\\0' \"$@\"; }}\n{line}"))
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let words: Vec<String> = String::from_utf8(out.stdout)
+            .unwrap()
+            .split_terminator('\0')
+            .map(str::to_string)
+            .collect();
+        let kdir = "/lib/modules/6.1.0-47-amd64/build";
+        let (env, argv) = invocation(&config.modules[0], "6.1.0-47-amd64", kdir, &[]);
+        let mut want = vec!["kmf_evil".to_string()];
+        want.extend(env.iter().map(|(k, v)| format!("{k}={v}")));
+        want.push("--".into());
+        want.extend(argv);
+        assert_eq!(words, want);
+        assert!(words.contains(&hostile.to_string()));
+        assert!(!std::path::Path::new("/tmp/kmf-pwned").exists());
+    }
+
     #[test]
     fn auto_keeps_the_host_link_only_when_used() {
         let s = link_and_depmod(HostLink::Auto);
