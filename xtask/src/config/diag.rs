@@ -108,12 +108,41 @@ impl fmt::Display for Diagnostic {
         if let Some(loc) = &self.location {
             write!(f, "{loc}: ")?;
         }
-        write!(f, "{}", self.message)?;
+        write!(f, "{}", cut_long_words(&self.message))?;
         if let Some(help) = &self.help {
-            write!(f, "\n  help: {help}")?;
+            write!(f, "\n  help: {}", cut_long_words(help))?;
         }
         Ok(())
     }
+}
+
+/// A message with every run of more than 120 non-blank characters cut to its first 80:
+/// a config value can be megabytes long, and a message repeats it.
+pub fn cut_long_words(message: &str) -> String {
+    const LONG: usize = 120;
+    const KEPT: usize = 80;
+    let mut out = String::with_capacity(message.len().min(4096));
+    let mut word = String::new();
+    let flush = |word: &mut String, out: &mut String| {
+        let n = word.chars().count();
+        if n > LONG {
+            out.extend(word.chars().take(KEPT));
+            out.push_str(&format!("... ({n} characters)"));
+        } else {
+            out.push_str(word);
+        }
+        word.clear();
+    };
+    for c in message.chars() {
+        if c.is_whitespace() {
+            flush(&mut word, &mut out);
+            out.push(c);
+        } else {
+            word.push(c);
+        }
+    }
+    flush(&mut word, &mut out);
+    out
 }
 
 /// All the problems found in one pass, so a user fixes them in one go.
@@ -152,6 +181,19 @@ impl fmt::Display for Diagnostics {
 }
 
 impl std::error::Error for Diagnostics {}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn long_values_are_cut_in_messages() {
+        let long = "x".repeat(10_000);
+        let shown = super::cut_long_words(&format!("no toolchain named \"{long}\" here"));
+        assert!(shown.starts_with("no toolchain named \"xxx"));
+        assert!(shown.ends_with("... (10002 characters) here"), "{shown}");
+        assert!(shown.len() < 200);
+        assert_eq!(super::cut_long_words("a b  c"), "a b  c");
+    }
+}
 
 /// A path as a user would type it: relative to the current directory when inside it.
 pub fn display_path(path: &Path) -> String {

@@ -639,11 +639,8 @@ fn toolchain(
     let source_kind = match (&raw.recipe, &raw.image) {
         (Some(recipe), None) => {
             let containerfile = root.join(recipe.get_ref());
-            if !containerfile.is_file() {
-                return Err(source
-                    .error(&recipe.span(), format!("recipe {} does not exist", display_path(&containerfile)))
-                    .help("give a Containerfile path relative to kernels.toml, e.g. \"images/toolchain-debian.Containerfile\""));
-            }
+            check_recipe(root, &containerfile)
+                .map_err(|(what, help)| source.error(&recipe.span(), what).help(help))?;
             let base = match (&raw.base, &raw.bootstrap) {
                 (Some(image), bootstrap) => Some(Base {
                     image: image.get_ref().clone(),
@@ -818,6 +815,34 @@ fn check_image_names(
                 break;
             }
         }
+    }
+}
+
+/// A recipe is a Containerfile inside the project: its folder is sent to the engine as
+/// the build context, so a recipe elsewhere would ship that folder (`/etc`, a home).
+fn check_recipe(root: &Path, containerfile: &Path) -> Result<(), (String, String)> {
+    let shown = display_path(containerfile);
+    let help = "give a Containerfile path relative to kernels.toml, inside its folder, e.g. \"images/toolchain-debian.Containerfile\"";
+    if containerfile.is_dir() {
+        return Err((
+            format!("recipe {shown} is a directory, not a Containerfile"),
+            help.into(),
+        ));
+    }
+    if !containerfile.is_file() {
+        return Err((format!("recipe {shown} does not exist"), help.into()));
+    }
+    let real = std::fs::canonicalize(containerfile);
+    let project = std::fs::canonicalize(root);
+    match (real, project) {
+        (Ok(real), Ok(project)) if real.starts_with(&project) => Ok(()),
+        _ => Err((
+            format!(
+                "recipe {shown} is outside the project folder {}",
+                display_path(root)
+            ),
+            help.into(),
+        )),
     }
 }
 

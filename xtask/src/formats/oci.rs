@@ -35,7 +35,7 @@ pub struct OciDir {
 
 impl OciDir {
     pub fn create(dir: &Path) -> Result<OciDir> {
-        fs::create_dir_all(dir.join("blobs/sha256"))?;
+        crate::host::fs::create_dir_all(&dir.join("blobs/sha256"))?;
         fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
         Ok(OciDir {
             dir: dir.to_path_buf(),
@@ -110,7 +110,7 @@ impl OciDir {
             .media_type(MediaType::ImageIndex)
             .manifests(vec![desc])
             .build()?;
-        fs::write(self.dir.join("index.json"), canonical_json(&index)?)?;
+        crate::host::fs::write(&self.dir.join("index.json"), canonical_json(&index)?)?;
         Ok(())
     }
 
@@ -143,7 +143,7 @@ impl OciDir {
     /// The layout's one manifest (the first in index.json) and its descriptor.
     pub fn manifest(&self) -> Result<(Descriptor, ImageManifest)> {
         let index: serde_json::Value =
-            serde_json::from_slice(&fs::read(self.dir.join("index.json"))?)?;
+            serde_json::from_slice(&crate::host::fs::read(&self.dir.join("index.json"))?)?;
         let first = index["manifests"]
             .get(0)
             .context("index.json lists no manifest")?;
@@ -414,7 +414,7 @@ pub fn resolve<'a>(fs: &'a FileSystem, path: &str) -> Option<(String, &'a Node)>
 pub fn archive(dir: &Path, dest: &Path) -> Result<()> {
     let mut entries = Vec::new();
     for rel in crate::run::fingerprint::walk_files(dir)? {
-        let data = fs::read(dir.join(&rel))?;
+        let data = crate::host::fs::read(&dir.join(&rel))?;
         entries.push(Entry::File {
             path: rel.to_string_lossy().into_owned(),
             mode: 0o644,

@@ -28,11 +28,11 @@ pub fn read_json<T: DeserializeOwned>(path: &Path) -> Option<T> {
 /// Writes a file so that a reader sees either the old or the new contents, never half.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().context("path has no parent")?;
-    fs::create_dir_all(dir)?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-    tmp.write_all(bytes)?;
-    tmp.persist(path)
-        .with_context(|| format!("cannot write {}", display_path(path)))?;
+    let cannot = || format!("cannot write {}", display_path(path));
+    fs::create_dir_all(dir).with_context(|| format!("cannot create {}", display_path(dir)))?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).with_context(cannot)?;
+    tmp.write_all(bytes).with_context(cannot)?;
+    tmp.persist(path).with_context(cannot)?;
     Ok(())
 }
 
@@ -44,7 +44,8 @@ pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
 /// complete tree or the new complete tree (or, for a moment, absent): never a mix.
 pub fn replace_dir(new: &Path, dest: &Path) -> Result<()> {
     if let Some(parent) = dest.parent() {
-        fs::create_dir_all(parent)?;
+        fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create {}", display_path(parent)))?;
     }
     if dest.exists() {
         let old = dest.with_file_name(format!(
@@ -70,8 +71,29 @@ pub fn copy_file(from: &Path, to: &Path) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     fs::copy(from, to)
         .with_context(|| format!("cannot copy {} to {}", display_path(from), display_path(to)))?;
-    fs::set_permissions(to, fs::Permissions::from_mode(0o644))?;
+    fs::set_permissions(to, fs::Permissions::from_mode(0o644))
+        .with_context(|| format!("cannot set the mode of {}", display_path(to)))?;
     Ok(())
+}
+
+/// `std::fs::write`, with the path in its error (a full disk, a read-only `--out`).
+pub fn write(path: &Path, data: impl AsRef<[u8]>) -> Result<()> {
+    fs::write(path, data).with_context(|| format!("cannot write {}", display_path(path)))
+}
+
+/// `std::fs::create_dir_all`, with the path in its error.
+pub fn create_dir_all(path: &Path) -> Result<()> {
+    fs::create_dir_all(path).with_context(|| format!("cannot create {}", display_path(path)))
+}
+
+/// `std::fs::read`, with the path in its error.
+pub fn read(path: &Path) -> Result<Vec<u8>> {
+    fs::read(path).with_context(|| format!("cannot read {}", display_path(path)))
+}
+
+/// `std::fs::read_to_string`, with the path in its error.
+pub fn read_to_string(path: &Path) -> Result<String> {
+    fs::read_to_string(path).with_context(|| format!("cannot read {}", display_path(path)))
 }
 
 #[cfg(test)]

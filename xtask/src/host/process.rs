@@ -25,6 +25,19 @@ use crate::config::diag::display_path;
 /// How many lines of a failed job's log an error shows.
 pub const TAIL_LINES: usize = 20;
 
+/// The most output of one command a log keeps: past it, the middle goes and the log
+/// keeps the first eighth and at least the last quarter (`KMODFORGE_LOG_CAP` in bytes
+/// overrides it). A build that writes a gigabyte does not keep one.
+const LOG_CAP: u64 = 32 << 20;
+
+static LOG_CAP_BYTES: std::sync::LazyLock<u64> = std::sync::LazyLock::new(|| {
+    std::env::var("KMODFORGE_LOG_CAP")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|v| *v >= 1024)
+        .unwrap_or(LOG_CAP)
+});
+
 static RUNNING: Mutex<Vec<Arc<duct::Handle>>> = Mutex::new(Vec::new());
 static SPAWN_DELAY: std::sync::LazyLock<Option<u64>> = std::sync::LazyLock::new(|| {
     std::env::var("KMODFORGE_TEST_SPAWN_DELAY_MS")
@@ -292,6 +305,7 @@ impl Cmd {
             .with_context(|| format!("cannot open log {}", display_path(log)))?;
         writeln!(file, "$ {}", self.shown())
             .with_context(|| format!("cannot write log {}", display_path(log)))?;
+        let mut cap = LogCap::new(&file, log)?;
         let expr = self
             .expression()
             .stdin_null()
@@ -302,8 +316,11 @@ impl Cmd {
         let started = Instant::now();
         let status = loop {
             if handle.try_wait()?.is_some() {
-                break Self::finish(&handle)?;
+                let status = Self::finish(&handle)?;
+                cap.check(&file, true);
+                break status;
             }
+            cap.check(&file, false);
             if let Some(limit) = timeout.filter(|l| started.elapsed() > *l) {
                 let _ = handle.kill();
                 Self::finish(&handle).ok();
@@ -421,7 +438,7 @@ pub fn append_log(log: &Path, text: &str) -> Result<()> {
         .append(true)
         .open(log)
         .with_context(|| format!("cannot open log {}", display_path(log)))?;
-    writeln!(f, "{text}")?;
+    writeln!(f, "{text}").with_context(|| format!("cannot write log {}", display_path(log)))?;
     Ok(())
 }
 
@@ -459,6 +476,67 @@ pub fn which(program: &str) -> Option<PathBuf> {
             p.metadata()
                 .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
         })
+}
+
+/// Keeps one command's output in its log within [`LOG_CAP_BYTES`]: the log is opened
+/// for appending, so cutting it back to the head and writing the saved tail after it
+/// leaves the program writing on at the new end.
+struct LogCap {
+    path: PathBuf,
+    /// Where this command's output starts in the log.
+    base: u64,
+    cut: u64,
+    checks: u32,
+}
+
+impl LogCap {
+    fn new(file: &File, path: &Path) -> Result<LogCap> {
+        Ok(LogCap {
+            path: path.to_path_buf(),
+            base: file.metadata()?.len(),
+            cut: 0,
+            checks: 0,
+        })
+    }
+
+    /// Cuts the log's middle when it has grown past the cap (looked at every 0.5 s, and
+    /// at the end).
+    fn check(&mut self, file: &File, now: bool) {
+        self.checks += 1;
+        if !now && self.checks % 25 != 1 {
+            return;
+        }
+        let cap = *LOG_CAP_BYTES;
+        let Ok(len) = file.metadata().map(|m| m.len()) else {
+            return;
+        };
+        if len <= self.base + cap {
+            return;
+        }
+        let (head, tail) = (cap / 8, cap / 4);
+        let Ok(kept) = read_tail(&self.path, tail) else {
+            return;
+        };
+        self.cut += len - self.base - head - kept.len() as u64;
+        let marker = format!(
+            "\n[kmodforge: {} bytes of output cut here; the log keeps the first {head} and the last ones]\n",
+            self.cut
+        );
+        let _ = file.set_len(self.base + head);
+        let mut f = file;
+        let _ = f
+            .write_all(marker.as_bytes())
+            .and_then(|()| f.write_all(&kept));
+    }
+}
+
+fn read_tail(path: &Path, n: u64) -> std::io::Result<Vec<u8>> {
+    let mut f = File::open(path)?;
+    let len = f.metadata()?.len();
+    f.seek(SeekFrom::Start(len.saturating_sub(n)))?;
+    let mut buf = Vec::new();
+    std::io::Read::read_to_end(&mut f, &mut buf)?;
+    Ok(buf)
 }
 
 #[cfg(test)]

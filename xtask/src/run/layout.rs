@@ -84,11 +84,17 @@ impl Layout {
     /// finished result can be renamed into place.
     pub fn scratch(&self, name: &str) -> Result<tempfile::TempDir> {
         let dir = self.internal().join("tmp");
-        fs::create_dir_all(&dir)?;
+        let cannot = || {
+            format!(
+                "cannot create a scratch directory in {}",
+                display_path(&dir)
+            )
+        };
+        fs::create_dir_all(&dir).with_context(cannot)?;
         tempfile::Builder::new()
             .prefix(name)
             .tempdir_in(&dir)
-            .context("cannot create a scratch directory")
+            .with_context(cannot)
     }
 
     /// Takes the output directory's lock for this process's lifetime. When another run
@@ -107,7 +113,8 @@ impl Layout {
             .truncate(false)
             .read(true)
             .write(true)
-            .open(&path)?;
+            .open(&path)
+            .with_context(|| format!("cannot open {}", display_path(&path)))?;
         match file.try_lock() {
             Ok(()) => {}
             Err(fs::TryLockError::WouldBlock) => {
@@ -134,8 +141,11 @@ impl Layout {
                 return Err(e).context("cannot lock the output directory");
             }
         }
-        file.set_len(0)?;
-        (&file).write_all(std::process::id().to_string().as_bytes())?;
+        // The pid only tells a waiting run who holds the lock: a full disk must not stop
+        // this run over it.
+        let _ = file
+            .set_len(0)
+            .and_then(|()| (&file).write_all(std::process::id().to_string().as_bytes()));
         // Whatever is in the scratch folder was left by a run that was killed: this run
         // alone holds the directory now.
         let tmp = self.internal().join("tmp");

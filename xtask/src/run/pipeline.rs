@@ -241,7 +241,9 @@ fn report(
             details: details.remove(&i).unwrap_or_default(),
         });
     }
-    write_json(&cx.layout.timings(), &timings)?;
+    // Timings only order the next run: failing to keep them (a full disk) must not cost
+    // the user this run's summary and errors.
+    let _ = write_json(&cx.layout.timings(), &timings);
     Ok(Report { jobs })
 }
 

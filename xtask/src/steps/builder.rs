@@ -55,7 +55,7 @@ pub fn build(
         let _ = std::fs::remove_file(modules.join(link));
     }
     let containerfile = context.path().join("Containerfile");
-    std::fs::write(&containerfile, recipe(&kernel.kver, packages))?;
+    crate::host::fs::write(&containerfile, recipe(&kernel.kver, packages))?;
     let args = [("TOOLCHAIN".to_string(), toolchain.to_string())];
     let labels = [("io.kmodforge.builder".to_string(), kernel.kver.clone())];
     engine

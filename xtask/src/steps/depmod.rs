@@ -9,7 +9,6 @@
 //! tree that was changed or damaged since.
 
 use std::collections::BTreeMap;
-use std::fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -58,7 +57,7 @@ fn inventory(dir: &Path) -> Result<BTreeMap<String, (u64, String)>> {
         if path.is_symlink() {
             continue;
         }
-        let data = fs::read(&path)?;
+        let data = crate::host::fs::read(&path)?;
         files.insert(
             rel.to_string_lossy().into_owned(),
             (data.len() as u64, sha256(&data)),
@@ -222,7 +221,7 @@ fn gather(
                 (artifacts.join(ko), moddir),
                 (artifacts.join("unstripped").join(ko), debug),
             ] {
-                fs::create_dir_all(to.join(&rec.location))?;
+                crate::host::fs::create_dir_all(&to.join(&rec.location))?;
                 copy_file(&from, &to.join(&rel))?;
             }
         }

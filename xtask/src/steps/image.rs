@@ -8,7 +8,6 @@
 //! creation time, title and kernel.
 
 use std::collections::HashMap;
-use std::fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -300,7 +299,7 @@ pub fn assemble(
         oci.import_blob(&base.oci, l.digest().as_ref())?;
         layers.push(l.clone());
     }
-    let gzip = fs::read(LayerRecord::blob(layout, kver))?;
+    let gzip = crate::host::fs::read(&LayerRecord::blob(layout, kver))?;
     let (layer_digest, layer_size) = oci.write_blob(&gzip)?;
     if layer_digest != record.digest {
         bail!("the image layer of {kver} changed since it was written; run the command again");

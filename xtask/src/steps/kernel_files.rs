@@ -162,7 +162,7 @@ pub fn ensure(
         .run(&run)
         .run_logged(log, None)
         .with_context(|| format!("cannot get the kernel image and modules of {kver}"))?;
-    fs::write(tmp.path().join(".complete"), "")?;
+    crate::host::fs::write(&tmp.path().join(".complete"), "")?;
     if let Some(parent) = files.dir.parent() {
         fs::create_dir_all(parent)
             .with_context(|| format!("cannot create {}", display_path(parent)))?;

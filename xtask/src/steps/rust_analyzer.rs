@@ -71,7 +71,7 @@ pub fn generate(
     let exported = export.join(".complete").is_file();
     if !exported {
         let _ = fs::remove_dir_all(&export);
-        fs::create_dir_all(&export)?;
+        crate::host::fs::create_dir_all(&export)?;
     }
     // The roots rust-project.json points at, printed for the rewrite below.
     let script = format!(
@@ -128,7 +128,7 @@ fi
         )
     })?;
     if !exported {
-        fs::write(export.join(".complete"), "")?;
+        crate::host::fs::write(&export.join(".complete"), "")?;
     }
 
     let value = host_paths(module, &work, &export)?;

@@ -75,7 +75,7 @@ pub fn fingerprint(tc: &Toolchain, kver: &str) -> Result<String> {
 /// the folder when a source has a wildcard), sorted. They are part of the toolchain's
 /// identity and of its build context.
 pub fn context_files(containerfile: &Path, context: &Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(containerfile)?;
+    let text = crate::host::fs::read_to_string(containerfile)?;
     let joined = text.replace("\\\n", " ");
     let mut files = std::collections::BTreeSet::new();
     for line in joined.lines() {
@@ -101,6 +101,18 @@ pub fn context_files(containerfile: &Path, context: &Path) -> Result<Vec<String>
                     .collect());
             }
             let src = src.trim_start_matches("./");
+            let path = Path::new(src);
+            if path.is_absolute()
+                || path
+                    .components()
+                    .any(|c| c == std::path::Component::ParentDir)
+            {
+                anyhow::bail!(
+                    "{} copies {src}, which is outside its folder {}: a build context holds only the recipe's folder\n  help: put the file beside the recipe",
+                    crate::config::diag::display_path(containerfile),
+                    crate::config::diag::display_path(context)
+                );
+            }
             // Made by kmodforge for every build, not a file of the recipe.
             if src != HOST_CA {
                 files.insert(src.to_string());
@@ -134,10 +146,10 @@ fn host_ca_bundle() -> Option<std::path::PathBuf> {
 fn build_context(r: &crate::config::Recipe, layout: &Layout) -> Result<tempfile::TempDir> {
     let dir = layout.scratch("context-")?;
     let name = r.containerfile.file_name().context("a recipe is a file")?;
-    std::fs::copy(&r.containerfile, dir.path().join(name))?;
+    crate::host::fs::copy_file(&r.containerfile, &dir.path().join(name))?;
     for rel in context_files(&r.containerfile, &r.context)? {
         let dest = dir.path().join(&rel);
-        std::fs::create_dir_all(dest.parent().unwrap_or(dir.path()))?;
+        crate::host::fs::create_dir_all(dest.parent().unwrap_or(dir.path()))?;
         std::fs::copy(r.context.join(&rel), &dest).with_context(|| {
             format!(
                 "{} copies {rel}, which is not in {}",
@@ -150,7 +162,7 @@ fn build_context(r: &crate::config::Recipe, layout: &Layout) -> Result<tempfile:
         .map(std::fs::read)
         .transpose()?
         .unwrap_or_default();
-    std::fs::write(dir.path().join(HOST_CA), ca)?;
+    crate::host::fs::write(&dir.path().join(HOST_CA), ca)?;
     Ok(dir)
 }
 
@@ -341,7 +353,7 @@ pub fn ensure_packages(
     );
     let context = layout.scratch("packages-")?;
     let containerfile = context.path().join("Containerfile");
-    std::fs::write(&containerfile, recipe)?;
+    crate::host::fs::write(&containerfile, recipe)?;
     let args = [("TOOLCHAIN".to_string(), base.image.clone())];
     let labels = [("io.kmodforge.packages".to_string(), list.clone())];
     engine

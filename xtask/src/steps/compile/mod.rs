@@ -66,8 +66,14 @@ impl Record {
     pub fn fresh(layout: &Layout, kver: &str, module: &str, fingerprint: &str) -> Option<Record> {
         let rec = Record::load(layout, kver, module)?;
         let artifacts = layout.artifacts(kver, module);
-        let complete =
-            rec.skipped.is_some() || rec.modules.iter().all(|m| artifacts.join(m).is_file());
+        // Sizes are cheap to check and catch a truncated or replaced file.
+        let sizes: Option<u64> = rec
+            .modules
+            .iter()
+            .map(|m| std::fs::metadata(artifacts.join(m)).ok().map(|md| md.len()))
+            .sum();
+        let complete = rec.skipped.is_some()
+            || sizes.is_some_and(|total| rec.bytes == 0 || total == rec.bytes);
         (rec.fingerprint == fingerprint && complete).then_some(rec)
     }
 
@@ -322,7 +328,7 @@ impl Compile<'_> {
     fn keep(&self, out: &Path, manifest: &Manifest) -> Result<()> {
         let scratch = self.layout.scratch("artifacts-")?;
         let unstripped = scratch.path().join("unstripped");
-        std::fs::create_dir_all(&unstripped)?;
+        crate::host::fs::create_dir_all(&unstripped)?;
         let mut names: Vec<String> = Vec::new();
         let (mut bytes, mut unstripped_bytes) = (0, 0);
         for (name, _, _) in &manifest.modules {
