@@ -182,19 +182,6 @@ impl fmt::Display for Diagnostics {
 
 impl std::error::Error for Diagnostics {}
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn long_values_are_cut_in_messages() {
-        let long = "x".repeat(10_000);
-        let shown = super::cut_long_words(&format!("no toolchain named \"{long}\" here"));
-        assert!(shown.starts_with("no toolchain named \"xxx"));
-        assert!(shown.ends_with("... (10002 characters) here"), "{shown}");
-        assert!(shown.len() < 200);
-        assert_eq!(super::cut_long_words("a b  c"), "a b  c");
-    }
-}
-
 /// A path as a user would type it: relative to the current directory when inside it.
 pub fn display_path(path: &Path) -> String {
     let rel = std::env::current_dir()
@@ -209,6 +196,16 @@ pub fn display_path(path: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_values_are_cut_in_messages() {
+        let long = "x".repeat(10_000);
+        let shown = cut_long_words(&format!("no toolchain named \"{long}\" here"));
+        assert!(shown.starts_with("no toolchain named \"xxx"));
+        assert!(shown.ends_with("... (10002 characters) here"), "{shown}");
+        assert!(shown.len() < 200);
+        assert_eq!(cut_long_words("a b  c"), "a b  c");
+    }
 
     #[test]
     fn line_col_counts_characters_from_one() {
