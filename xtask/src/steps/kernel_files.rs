@@ -5,10 +5,11 @@
 //! exported symbol and its CRC, for `verify`).
 //!
 //! They come from the kernel's toolchain: from `/boot` and `/lib/modules` when it holds
-//! the kernel (a kernel it built, the Driver Toolkit's kernel-modules, Debian 6.12's
-//! headers, which pull in the image package), else from the distribution's kernel
-//! package, fetched from its archive and unpacked, not installed (`linux-image-<kver>`
-//! on Debian; `kernel-core`, `kernel-modules` on RHEL). Kept once per machine.
+//! the kernel (a kernel it built, the Driver Toolkit's kernel-modules), else from the
+//! distribution's kernel package, fetched from its archive and unpacked, not installed
+//! (`linux-image-<kver>` on Debian, whose toolchains hold headers only, even for 6.12
+//! where the headers depend on the image package; `kernel-core`, `kernel-modules` on
+//! RHEL). Kept once per machine.
 
 use std::collections::BTreeMap;
 use std::fs;
