@@ -10,12 +10,30 @@
 # Module.symvers, and a manifest (tab-separated lines: "package NAME VERSION" and
 # "module FILE BUILT-PATH STRIPPED LOCATION"). Exit 77 with out/skip is a skip (DKMS's
 # BUILD_EXCLUSIVE); any other failure writes one line to out/error (what, and where).
+# out/phases says where the time went, whatever the outcome: "PHASE EPOCH-SECONDS" when
+# the driver started, had copied the sources, had built and had kept the modules, then
+# the CPU ticks of the driver and everything it waited for, the clock's ticks per
+# second, and how many objects the build compiled (how wide a parallel make can go).
 #
 # No `set -u` or `pipefail`: package code (dkms.conf, MAKE, PRE_BUILD) runs in the shell
 # options DKMS gives it.
 out=/kmodforge/out
 mkdir -p "$out/modules" "$out/unstripped"
 : > "$out/manifest"
+
+phase() { printf '%s\t%s\n' "$1" "$(date +%s.%N)" >> "$out/phases"; }
+: > "$out/phases"
+phase start
+objects_in=""
+account() { # at exit: CPU of this shell and the children it waited for (stat fields 14-17)
+	local f n=0
+	read -r -a f < "/proc/$$/stat" || return 0
+	printf 'cpu_ticks\t%s\n' "$((f[13] + f[14] + f[15] + f[16]))" >> "$out/phases"
+	printf 'ticks_per_second\t%s\n' "$(getconf CLK_TCK 2> /dev/null || echo 100)" >> "$out/phases"
+	if [ -n "$objects_in" ]; then n=$(find "$objects_in" -name '*.o' -type f 2> /dev/null | wc -l); fi
+	printf 'objects\t%s\n' "$n" >> "$out/phases"
+}
+trap account EXIT
 
 fail() { # status message...
 	local status=$1; shift
@@ -48,8 +66,11 @@ kbuild() {
 	local build=/kmodforge/build f
 	mkdir -p "$build" && cp -R /kmodforge/src/. "$build/" || fail 1 "cannot copy the module's sources"
 	cd "$build" || exit 1
+	objects_in=$build
+	phase copied
 	"$@"
 	local status=$?
+	phase built
 	[ "$status" -eq 0 ] || fail 10 "the build command failed with exit status: $status"
 	if [ -n "${KMF_BUILT:-}" ]; then
 		while IFS= read -r f; do
@@ -63,6 +84,7 @@ kbuild() {
 		done < <(find . -name '*.ko' -type f | LC_ALL=C sort)
 	fi
 	symvers "$build"
+	phase kept
 }
 
 # The directives DKMS knows; anything else a dkms.conf sets does not survive the read.
@@ -223,6 +245,8 @@ dkms() {
 
 	mkdir -p "$build" && cp -a /kmodforge/src/. "$build/" || fail 1 "cannot copy the package's sources"
 	cd "$build" || exit 1
+	objects_in=$build
+	phase copied
 
 	local i p
 	for i in "${!PATCH[@]}"; do
@@ -248,6 +272,7 @@ dkms() {
 	echo "kmodforge: $cmd"
 	( eval "$cmd" )
 	status=$?
+	phase built
 	[ "$status" -eq 0 ] || fail 10 "MAKE failed with exit status: $status: $cmd"
 	for ((i = 0; i < count; i++)); do
 		f=${built_location[i]}${built_name[i]}.ko
@@ -261,6 +286,7 @@ dkms() {
 	local stored=$dkms_tree/$module/$module_version/$kernelver/$arch
 	mkdir -p "$stored/module" "$stored/log" && cp "$out"/modules/*.ko "$stored/module/"
 	[ -z "${POST_BUILD:-}" ] || run_script POST_BUILD "$POST_BUILD"
+	phase kept
 }
 
 case ${KMF_MODE:-} in

@@ -10,8 +10,12 @@
 //! manifest. Modules this one depends on are mounted read-only, their `Module.symvers`
 //! passed as `KBUILD_EXTRA_SYMBOLS`. Every `.ko` is checked against the kernel version
 //! (vermagic) before it is kept. `make` shares the run's jobserver (or a share of `-j`).
+//! Where the time went is kept beside the record ([`Phases`]).
+
+mod phases;
 
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
@@ -23,6 +27,7 @@ use crate::host::engine::{Engine, Mount, Run};
 use crate::host::fs::{copy_file, read_json, replace_dir, write_json};
 use crate::run::jobserver::Jobserver;
 use crate::run::layout::Layout;
+pub use phases::Phases;
 
 const SRC: &str = "/kmodforge/src";
 const BUILD: &str = "/kmodforge/build";
@@ -203,11 +208,24 @@ impl Compile<'_> {
             return Ok(Some(reason));
         }
         let out = self.layout.scratch("compile-")?;
+        let invoked = SystemTime::now();
         let result = self
             .container(out.path(), &self.driver()?)
             .run_logged(self.log, None);
+        let mut phases =
+            Phases::from_driver(&phases::read_driver(out.path()), invoked, SystemTime::now());
+        let outcome = self.finish(out.path(), result);
+        phases.wall_s = invoked.elapsed().map_or(0.0, |d| d.as_secs_f64());
+        phases.ok = outcome.is_ok();
+        phases.save(self.layout, self.kver, &self.module.name);
+        outcome
+    }
+
+    /// What the container's run and its output directory `out` amount to: a skip, a
+    /// failure with the driver's reason, or the checked modules kept.
+    fn finish(&self, out: &Path, result: Result<()>) -> Result<Option<String>> {
         let said = |file: &str| {
-            std::fs::read_to_string(out.path().join(file))
+            std::fs::read_to_string(out.join(file))
                 .ok()
                 .map(|s| s.trim().to_string())
         };
@@ -228,12 +246,12 @@ impl Compile<'_> {
                 None => e,
             });
         }
-        let manifest = read_manifest(&out.path().join("manifest"))?;
+        let manifest = read_manifest(&out.join("manifest"))?;
         self.check(&manifest)?;
         for (name, _, _) in &manifest.modules {
-            check_vermagic(&out.path().join("modules").join(name), self.kver)?;
+            check_vermagic(&out.join("modules").join(name), self.kver)?;
         }
-        self.keep(out.path(), &manifest)?;
+        self.keep(out, &manifest)?;
         Ok(None)
     }
 
