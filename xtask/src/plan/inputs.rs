@@ -18,12 +18,14 @@ use crate::plan::{JobKind, Plan};
 use crate::run::fingerprint::Fingerprint;
 use crate::steps::toolchain;
 
-/// Every job's fingerprint, in plan order.
+/// Every job's fingerprint, in plan order. Each module folder is read once, however
+/// many kernels build it (a no-op run of 200 kernels must not hash it 200 times).
 pub fn fingerprints(plan: &Plan) -> Result<Vec<String>> {
     let mut out: Vec<String> = Vec::with_capacity(plan.jobs.len());
+    let mut trees = BTreeMap::new();
     for job in &plan.jobs {
         let mut f = Fingerprint::new(&format!("{}-v2", job.kind.step()));
-        own_inputs(plan, &job.kind, &mut f)?;
+        own_inputs(plan, &job.kind, &mut f, &mut trees)?;
         for d in job.deps.iter().chain(&job.after) {
             f.field("dep", &out[*d]);
         }
@@ -32,7 +34,25 @@ pub fn fingerprints(plan: &Plan) -> Result<Vec<String>> {
     Ok(out)
 }
 
-fn own_inputs(plan: &Plan, kind: &JobKind, f: &mut Fingerprint) -> Result<()> {
+/// A module folder's files as one digest, computed once per folder.
+fn module_tree(
+    dir: &std::path::Path,
+    trees: &mut BTreeMap<std::path::PathBuf, String>,
+) -> Result<String> {
+    if let Some(d) = trees.get(dir) {
+        return Ok(d.clone());
+    }
+    let digest = Fingerprint::new("module-tree").module_tree(dir)?.finish();
+    trees.insert(dir.to_path_buf(), digest.clone());
+    Ok(digest)
+}
+
+fn own_inputs(
+    plan: &Plan,
+    kind: &JobKind,
+    f: &mut Fingerprint,
+    trees: &mut BTreeMap<std::path::PathBuf, String>,
+) -> Result<()> {
     let config = plan.config;
     if let Some(k) = kind.kernel() {
         f.field("kernel", plan.kernels[k].kver());
@@ -59,7 +79,7 @@ fn own_inputs(plan: &Plan, kind: &JobKind, f: &mut Fingerprint) -> Result<()> {
         JobKind::Compile { kernel, module } => {
             let m = plan.kernels[*kernel].modules[*module];
             f.field("module", &m.name);
-            f.module_tree(&m.dir)?;
+            f.field("tree", &module_tree(&m.dir, trees)?);
         }
         JobKind::Depmod { .. } => {
             f.field("host-link", &format!("{:?}", config.image.host_link));

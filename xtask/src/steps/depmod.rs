@@ -5,8 +5,10 @@
 //! `depmod -b` runs on it inside the kernel's toolchain (which holds kmod), and only then
 //! does the new tree replace `<out>/<kver>`. The unstripped modules go to
 //! `<out>/unstripped/<kver>/`, for crash analysis, never into an image. The record keeps
-//! each file's size and hash, so a run that finds nothing to rebuild still notices a
-//! tree that was changed or damaged since.
+//! a stamp of the tree (each file's name, size and modification time) and, apart, each
+//! file's hash, so a run that finds nothing to rebuild still notices a tree that was
+//! changed or damaged since: a tree whose stamp matches is taken as it was (as make and
+//! git do); otherwise its files are hashed again and compared.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -32,11 +34,19 @@ pub const DEPMOD_FILES: &[&str] = &[
     "modules.symbols.bin",
 ];
 
+/// What the last depmod run made: its inputs' fingerprint and a stamp of the tree
+/// (every file's name, size and modification time), enough for the no-op check; the
+/// files' hashes are kept apart, read only when the stamp differs.
 #[derive(Serialize, Deserialize)]
 struct DepmodRecord {
     fingerprint: String,
-    /// Every file of `lib/modules/<kver>/`: size and SHA-256.
     #[serde(default)]
+    stamp: String,
+}
+
+/// Every file of `lib/modules/<kver>/`: size and SHA-256.
+#[derive(Serialize, Deserialize)]
+struct TreeFiles {
     files: BTreeMap<String, (u64, String)>,
 }
 
@@ -49,32 +59,59 @@ fn record_path(layout: &Layout, kver: &str) -> PathBuf {
     layout.kernel_state(kver).join("depmod.json")
 }
 
+fn files_path(layout: &Layout, kver: &str) -> PathBuf {
+    layout.kernel_state(kver).join("depmod-files.json")
+}
+
+/// The regular files of a tree (symbolic links, such as the host link, left out).
+fn regular_files(dir: &Path) -> Result<Vec<(String, std::fs::Metadata)>> {
+    let mut out = Vec::new();
+    for rel in walk_files(dir)? {
+        let meta = std::fs::symlink_metadata(dir.join(&rel))?;
+        if !meta.file_type().is_symlink() {
+            out.push((rel.to_string_lossy().into_owned(), meta));
+        }
+    }
+    Ok(out)
+}
+
+/// A digest of every file's name, size and modification time: what a tree left alone
+/// keeps, and a write, a truncation or a new file changes.
+fn stamp(dir: &Path) -> Result<String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut f = crate::run::fingerprint::Fingerprint::new("tree-stamp");
+    for (rel, meta) in regular_files(dir)? {
+        let time = format!("{} {}.{}", meta.len(), meta.mtime(), meta.mtime_nsec());
+        f.field(&rel, &time);
+    }
+    Ok(f.finish())
+}
+
 /// Sizes and hashes of a tree's files.
 fn inventory(dir: &Path) -> Result<BTreeMap<String, (u64, String)>> {
     let mut files = BTreeMap::new();
-    for rel in walk_files(dir)? {
-        let path = dir.join(&rel);
-        if path.is_symlink() {
-            continue;
-        }
-        let data = crate::host::fs::read(&path)?;
-        files.insert(
-            rel.to_string_lossy().into_owned(),
-            (data.len() as u64, sha256(&data)),
-        );
+    for (rel, _) in regular_files(dir)? {
+        let data = crate::host::fs::read(&dir.join(&rel))?;
+        files.insert(rel, (data.len() as u64, sha256(&data)));
     }
     Ok(files)
 }
 
-/// The staging tree is the one the last run made from these inputs, file for file.
+/// The staging tree is the one the last run made from these inputs, file for file: its
+/// stamp is the recorded one, or (a file rewritten with the same bytes) its contents.
 pub fn is_fresh(layout: &Layout, kver: &str, fingerprint: &str) -> bool {
     let Some(rec) = read_json::<DepmodRecord>(&record_path(layout, kver)) else {
         return false;
     };
     let dir = layout.staging_modules(kver);
-    rec.fingerprint == fingerprint
-        && dir.join("modules.dep").is_file()
-        && inventory(&dir).is_ok_and(|files| files == rec.files)
+    if rec.fingerprint != fingerprint || !dir.join("modules.dep").is_file() {
+        return false;
+    }
+    if stamp(&dir).is_ok_and(|s| s == rec.stamp) {
+        return true;
+    }
+    read_json::<TreeFiles>(&files_path(layout, kver))
+        .is_some_and(|rec| inventory(&dir).is_ok_and(|files| files == rec.files))
 }
 
 /// The name of KMM's link to the node's in-tree modules, in the image's tree.
@@ -184,15 +221,27 @@ pub fn run(
     if symvers.is_file() {
         copy_file(&symvers, &kernel_symvers(layout, kver))?;
     }
-    let files = inventory(&moddir)?;
     replace_dir(&scratch.keep(), &layout.staging(kver))
         .context("cannot put the new staging tree in place")?;
     replace_dir(&debug.keep(), &layout.out.join("unstripped").join(kver))?;
+    record(layout, kver, fingerprint)
+}
+
+/// Records the staging tree in place as the one made from `fingerprint`, file for file
+/// (after depmod; the bench's synthetic inventory makes its trees fresh this way too).
+pub fn record(layout: &Layout, kver: &str, fingerprint: &str) -> Result<()> {
+    let dir = layout.staging_modules(kver);
+    write_json(
+        &files_path(layout, kver),
+        &TreeFiles {
+            files: inventory(&dir)?,
+        },
+    )?;
     write_json(
         &record_path(layout, kver),
         &DepmodRecord {
             fingerprint: fingerprint.into(),
-            files,
+            stamp: stamp(&dir)?,
         },
     )
 }
