@@ -66,14 +66,19 @@ impl Record {
     pub fn fresh(layout: &Layout, kver: &str, module: &str, fingerprint: &str) -> Option<Record> {
         let rec = Record::load(layout, kver, module)?;
         let artifacts = layout.artifacts(kver, module);
-        // Sizes are cheap to check and catch a truncated or replaced file.
+        // Sizes are cheap to check and catch a truncated or replaced file; depmod needs
+        // the unstripped twins too.
         let sizes: Option<u64> = rec
             .modules
             .iter()
             .map(|m| std::fs::metadata(artifacts.join(m)).ok().map(|md| md.len()))
             .sum();
+        let twins = rec
+            .modules
+            .iter()
+            .all(|m| artifacts.join("unstripped").join(m).is_file());
         let complete = rec.skipped.is_some()
-            || sizes.is_some_and(|total| rec.bytes == 0 || total == rec.bytes);
+            || (twins && sizes.is_some_and(|total| rec.bytes == 0 || total == rec.bytes));
         (rec.fingerprint == fingerprint && complete).then_some(rec)
     }
 
