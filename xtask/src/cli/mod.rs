@@ -96,7 +96,8 @@ enum Command {
     ///
     /// Layout (<prefix>/lib/modules/<kver>/), every .ko's vermagic against the kernel,
     /// depmod's files present and modules.dep current (each module with the transitive
-    /// closure of its modinfo `depends`, all in the tree), and sh, mkdir and cp in the
+    /// closure of its modinfo `depends`, all in the tree), with [signing] every module's
+    /// signature against the certificate (host openssl), and sh, mkdir and cp in the
     /// image for KMM's worker. Exits non-zero on any problem.
     Verify(verify::VerifyArgs),
     /// Write modules/<name>/rust-project.json for a Rust module, for editors.

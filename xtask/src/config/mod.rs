@@ -15,6 +15,7 @@ pub mod diag;
 pub mod dkms;
 pub mod envsubst;
 pub mod modules;
+pub mod signing;
 pub mod template;
 
 use anyhow::Result;
@@ -40,6 +41,8 @@ pub struct Config {
     pub kmm: KmmSettings,
     /// TLS opt-ins by registry host (`host` or `host:port`).
     pub registries: BTreeMap<String, RegistryTls>,
+    /// The key and certificate every module is signed with (`[signing]`).
+    pub signing: Option<signing::Signing>,
 }
 
 /// How kmod images are named and made (`[image]`).
@@ -200,6 +203,7 @@ struct RawFile {
     kmm: RawKmm,
     #[serde(default)]
     registries: BTreeMap<Spanned<String>, RegistryTls>,
+    signing: Option<Spanned<signing::RawSigning>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -291,6 +295,7 @@ impl Config {
         let kmm = kmm_settings(source, &raw.kmm, &mut diags);
         let image = image_settings(source, &raw.image, &kmm, &mut diags);
         let registries = registries(source, &raw.registries, &mut diags);
+        let signing = signing::settings(source, root, raw.signing.as_ref(), &mut diags);
         diags.into_result()?;
         let config = Config {
             path: source.path.clone(),
@@ -301,6 +306,7 @@ impl Config {
             image,
             kmm,
             registries,
+            signing,
         };
         config.check_module_selection()?;
         Ok(config)

@@ -240,6 +240,7 @@ impl<'a> Context<'a> {
             kernel_has_rust: f.rust,
             deps: module.depends.iter().map(String::as_str).collect(),
             fingerprint: &self.fingerprints[i],
+            signing: self.plan.config.signing.as_ref(),
             jobs: match &self.jobserver {
                 Some(js) => MakeJobs::Server(js),
                 None => {

@@ -1,6 +1,6 @@
 //! What each job of a plan does, one file per step, in pipeline order:
-//! [`toolchain`] → [`compile`] → [`depmod`] → [`image`] → [`publish`], with the
-//! [`loadtest`] (QEMU) and [`verify`] (static checks) on the results.
+//! [`toolchain`] → [`compile`] (and [`sign`]) → [`depmod`] → [`image`] → [`publish`],
+//! with the [`loadtest`] (QEMU) and [`verify`] (static checks) on the results.
 
 pub mod compile;
 pub mod depmod;
@@ -10,5 +10,6 @@ pub mod kernel_files;
 pub mod loadtest;
 pub mod publish;
 pub mod rust_analyzer;
+pub mod sign;
 pub mod toolchain;
 pub mod verify;
