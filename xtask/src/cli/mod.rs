@@ -90,7 +90,9 @@ enum Command {
     /// and `modprobe -rvd` (kmod's) for every module, with [test] parameters from
     /// module.toml. A module passes when it loads with its dependencies, shows in
     /// /proc/modules, leaves no Oops/BUG/WARNING/"Unknown symbol" in the kernel log, and
-    /// unloads. Uses KVM when /dev/kvm is usable. Console: <out>/logs/<kver>/qemu-console.log.
+    /// unloads. The kernel boots with its [[kernel]] boot-args from kernels.toml (e.g.
+    /// module.sig_enforce=1); a module refused for its signature is said to be. Uses KVM
+    /// when /dev/kvm is usable. Console: <out>/logs/<kver>/qemu-console.log.
     Test(test::TestArgs),
     /// Check staging trees and images statically (no build, no boot).
     ///

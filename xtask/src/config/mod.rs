@@ -122,6 +122,9 @@ pub struct Kernel {
     /// Where the kernel's `version` is written, for errors found later (a missing
     /// headers package, say).
     pub at: Location,
+    /// Extra kernel command-line arguments of the node (`module.sig_enforce=1`, say),
+    /// which the load test boots the kernel with.
+    pub boot_args: Vec<String>,
 }
 
 /// A DTK-style image: one kernel's headers, its compiler, make and kmod.
@@ -265,6 +268,8 @@ struct RawKernel {
     version: Spanned<String>,
     toolchain: Option<Spanned<String>>,
     modules: Option<Vec<Spanned<String>>>,
+    #[serde(default)]
+    boot_args: Vec<Spanned<String>>,
 }
 
 static KVER: LazyLock<Regex> =
@@ -561,7 +566,41 @@ fn kernel(
         toolchain,
         modules,
         at: source.location(&version.span()),
+        boot_args: boot_args(source, &k.get_ref().boot_args, diags),
     })
+}
+
+/// What the load test sets on the kernel's command line itself.
+const TEST_BOOT_ARGS: [&str; 4] = ["console=", "panic=", "init=", "rdinit="];
+
+/// `boot-args`: one kernel command-line argument per string, none that the load test
+/// sets itself (its serial console, its /init).
+fn boot_args(source: &Source, args: &[Spanned<String>], diags: &mut Diagnostics) -> Vec<String> {
+    let mut out = Vec::new();
+    for a in args {
+        let arg = a.get_ref();
+        let problem = if arg.is_empty() || arg.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
+            Some(format!("boot argument {} is not one word", shown(arg)))
+        } else {
+            TEST_BOOT_ARGS
+                .iter()
+                .find(|p| arg.starts_with(*p))
+                .map(|p| {
+                    format!(
+                        "boot argument {} sets {p}, which the load test sets itself",
+                        shown(arg)
+                    )
+                })
+        };
+        match problem {
+            Some(what) => diags.push(source.error(&a.span(), what).help(
+                "give one kernel command-line argument per string, e.g. boot-args = [\"module.sig_enforce=1\"]",
+            )),
+            None => out.push(arg.clone()),
+        }
+    }
+    out
 }
 
 /// `[registries."host[:port]"]`: each key must be a registry host, as an image
@@ -1021,6 +1060,28 @@ mod tests {
         );
         assert!(
             e.contains("kernels.toml:2:9: unknown variable ${KERNEL}"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn boot_args_are_one_word_each_and_not_the_load_tests_own() {
+        let k = |args: &str| {
+            format!("{TC}[[kernel]]\nversion = \"6.1.0-47-amd64\"\nboot-args = [{args}]\n")
+        };
+        let (_d, cfg) = project(&k("\"module.sig_enforce=1\", \"quiet\""), &[]);
+        assert_eq!(
+            cfg.unwrap().kernels[0].boot_args,
+            ["module.sig_enforce=1", "quiet"]
+        );
+        let e = err_of(&k("\"a b\""), &[]);
+        assert!(
+            e.contains("kernels.toml:7:14: boot argument \"a b\" is not one word"),
+            "{e}"
+        );
+        let e = err_of(&k("\"quiet\", \"console=tty0\""), &[]);
+        assert!(
+            e.contains("sets console=, which the load test sets itself"),
             "{e}"
         );
     }

@@ -82,8 +82,11 @@ fn own_inputs(plan: &Plan, kind: &JobKind, f: &mut Fingerprint) -> Result<()> {
             let reference = crate::steps::image::reference(config, plan.kernels[*kernel].kver())?;
             f.field("tls-verify", &config.tls_verify(&reference).to_string());
         }
-        JobKind::LoadTest { .. } => {
+        JobKind::LoadTest { kernel } => {
             busybox(config, f);
+            for a in &plan.kernels[*kernel].kernel.boot_args {
+                f.field("boot-arg", a);
+            }
         }
         JobKind::Verify { .. } => {}
     }
@@ -221,6 +224,15 @@ mod tests {
             2
         );
         assert!(changed_between(&test, &signing("other", "test"), |_| {}).is_empty());
+    }
+
+    #[test]
+    fn boot_args_select_their_kernel() {
+        let after = TOML.replace(
+            "version = \"6.1.0-47-amd64\"\n",
+            "version = \"6.1.0-47-amd64\"\nboot-args = [\"module.sig_enforce=1\"]\n",
+        );
+        assert_eq!(changed_between(TOML, &after, |_| {}), ["6.1.0-47-amd64"]);
     }
 
     #[test]

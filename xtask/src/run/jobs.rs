@@ -411,7 +411,11 @@ impl<'a> Context<'a> {
             image: self.options.image.as_deref(),
             timeout: self.options.boot_timeout,
             log,
+            boot_args: &kp.kernel.boot_args,
         })?;
+        if !kp.kernel.boot_args.is_empty() {
+            self.note(i, format!("kernel command line: {}", report.command_line));
+        }
         self.note(
             i,
             format!(
