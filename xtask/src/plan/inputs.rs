@@ -60,6 +60,10 @@ fn own_inputs(plan: &Plan, kind: &JobKind, f: &mut Fingerprint) -> Result<()> {
             let m = plan.kernels[*kernel].modules[*module];
             f.field("module", &m.name);
             f.module_tree(&m.dir)?;
+            // The certificate, never the key: a new certificate signs anew.
+            if let Some(s) = &config.signing {
+                f.field("signing-cert", &s.cert_sha256);
+            }
         }
         JobKind::Depmod { .. } => {
             f.field("host-link", &format!("{:?}", config.image.host_link));
@@ -78,8 +82,11 @@ fn own_inputs(plan: &Plan, kind: &JobKind, f: &mut Fingerprint) -> Result<()> {
             let reference = crate::steps::image::reference(config, plan.kernels[*kernel].kver())?;
             f.field("tls-verify", &config.tls_verify(&reference).to_string());
         }
-        JobKind::LoadTest { .. } => {
+        JobKind::LoadTest { kernel } => {
             busybox(config, f);
+            for a in &plan.kernels[*kernel].kernel.boot_args {
+                f.field("boot-arg", a);
+            }
         }
         JobKind::Verify { .. } => {}
         JobKind::Builder { kernel } | JobKind::BuilderPush { kernel } => {
@@ -200,6 +207,36 @@ mod tests {
         );
         let after = format!("{TOML}[image]\nprefix = \"/var/opt\"\n");
         assert_eq!(changed_between(TOML, &after, |_| {}).len(), 2);
+    }
+
+    #[test]
+    fn the_signing_certificate_is_an_input_and_the_key_is_not() {
+        let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/signing");
+        let signing = |key: &str, cert: &str| {
+            format!(
+                "{TOML}[signing]\nkey = \"{fixtures}/{key}.key\"\ncert = \"{fixtures}/{cert}.crt\"\n"
+            )
+        };
+        let test = signing("test", "test");
+        assert_eq!(
+            changed_between(TOML, &test, |_| {}).len(),
+            2,
+            "signing rebuilds"
+        );
+        assert_eq!(
+            changed_between(&test, &signing("other", "other"), |_| {}).len(),
+            2
+        );
+        assert!(changed_between(&test, &signing("other", "test"), |_| {}).is_empty());
+    }
+
+    #[test]
+    fn boot_args_select_their_kernel() {
+        let after = TOML.replace(
+            "version = \"6.1.0-47-amd64\"\n",
+            "version = \"6.1.0-47-amd64\"\nboot-args = [\"module.sig_enforce=1\"]\n",
+        );
+        assert_eq!(changed_between(TOML, &after, |_| {}), ["6.1.0-47-amd64"]);
     }
 
     #[test]

@@ -243,6 +243,7 @@ impl<'a> Context<'a> {
             kernel_has_rust: f.rust,
             deps: module.depends.iter().map(String::as_str).collect(),
             fingerprint: &self.fingerprints[i],
+            signing: self.plan.config.signing.as_ref(),
             jobs: match &self.jobserver {
                 Some(js) => MakeJobs::Server(js),
                 None => {
@@ -456,7 +457,11 @@ impl<'a> Context<'a> {
             image: self.options.image.as_deref(),
             timeout: self.options.boot_timeout,
             log,
+            boot_args: &kp.kernel.boot_args,
         })?;
+        if !kp.kernel.boot_args.is_empty() {
+            self.note(i, format!("kernel command line: {}", report.command_line));
+        }
         self.note(
             i,
             format!(

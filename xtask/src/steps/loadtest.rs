@@ -7,7 +7,9 @@
 //! <prefix>/lib/modules/<kver> /tmp<prefix>/lib/modules`, then for every module
 //! `modprobe -vd /tmp<prefix> <module> <parameters>` and `modprobe -rvd ...`, printing
 //! markers, `/proc/modules` and the kernel log after each step. The console is parsed
-//! into one verdict per module.
+//! into one verdict per module. The kernel boots with the node's own command-line
+//! arguments from kernels.toml (`boot-args`: `module.sig_enforce=1`, say), and a
+//! module it refuses for its signature is said to be refused for that reason.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -86,6 +88,8 @@ pub struct Request<'a> {
     pub image: Option<&'a Path>,
     pub timeout: Duration,
     pub log: &'a Path,
+    /// The node's kernel command-line arguments (`[[kernel]] boot-args`).
+    pub boot_args: &'a [String],
 }
 
 /// How a kernel's load test went: the boot and a verdict per module.
@@ -99,6 +103,9 @@ pub struct Report {
     /// How many of the kernel's own modules the guest got, for the tree's dependencies.
     #[serde(default)]
     pub in_tree_modules: usize,
+    /// The kernel command line the guest booted with.
+    #[serde(default)]
+    pub command_line: String,
     pub console: PathBuf,
     pub verdicts: Vec<Verdict>,
 }
@@ -158,6 +165,7 @@ pub fn run(r: &Request) -> Result<Report> {
         initrd,
         memory_mb: memory_mb(guest_files.bytes()),
         share: matches!(in_tree, InTree::Mounted { .. }).then(|| r.kernel.modules()),
+        command_line: command_line(r.boot_args),
     };
     let console_log = r.layout.log(r.kver, "qemu-console");
     let (console, wall, accel) = boot(&guest, &console_log, r.timeout)
@@ -171,6 +179,7 @@ pub fn run(r: &Request) -> Result<Report> {
             InTree::Mounted { .. } => r.kernel.modules_dep().len(),
             InTree::Copied(files) => files.len(),
         },
+        command_line: guest.command_line.clone(),
         console: console_log,
         verdicts: judge(&console, r.kver, &subjects, modules_dep),
     };
@@ -366,6 +375,16 @@ pub struct Guest {
     pub memory_mb: u64,
     /// The kernel's own modules, shared read-only with the guest (9p).
     pub share: Option<PathBuf>,
+    /// The kernel command line: the test's serial console, then the node's arguments.
+    pub command_line: String,
+}
+
+/// The guest's kernel command line: a serial console, a panic that ends QEMU at once,
+/// every kernel message, then the node's own arguments (`boot-args`).
+pub fn command_line(boot_args: &[String]) -> String {
+    let mut words = vec!["console=ttyS0", "panic=-1", "loglevel=7"];
+    words.extend(boot_args.iter().map(String::as_str));
+    words.join(" ")
 }
 
 /// How the guest gets the kernel's own modules at `/lib/modules/<kver>`, where a node has
@@ -580,7 +599,8 @@ pub fn boot(
                     ),
                 ]
             }))
-            .args(["-append", "console=ttyS0 panic=-1 loglevel=7"])
+            .arg("-append")
+            .arg(&guest.command_line)
             .run_logged(console_log, Some(limit));
         let wall = started.elapsed();
         let console =
@@ -815,7 +835,8 @@ fn refusal(s: &Subject, st: &Step, kver: &str, modules_dep_present: bool) -> Str
         .find(|l| l.contains("modprobe:"))
         .cloned()
         .unwrap_or_else(|| "modprobe failed".into());
-    let kernel = problems(Some(st)).into_iter().next().or_else(|| {
+    let kernel = problems(Some(st)).into_iter().next();
+    let kernel = kernel.or_else(|| signature_refusal(st, &said)).or_else(|| {
         st.dmesg
             .iter()
             .find(|l| l.contains(&s.name) && !l.contains("taints kernel"))
@@ -835,6 +856,37 @@ fn refusal(s: &Subject, st: &Step, kver: &str, modules_dep_present: bool) -> Str
     }
     r
 }
+
+/// The kernel's words when it refused a module for its signature, and what they mean:
+/// it enforces signatures (`module.sig_enforce=1`, Secure Boot's lockdown, or
+/// `CONFIG_MODULE_SIG_FORCE`) and the module is unsigned, or signed by a key it does
+/// not trust, or its signature does not hold.
+fn signature_refusal(st: &Step, said: &str) -> Option<String> {
+    let line = st.dmesg.iter().find(|l| SIGNATURE_REFUSAL.is_match(l));
+    let why = match line.and_then(|l| SIGNATURE_REFUSAL.captures(l)) {
+        Some(c) => match &c[1] {
+            "unsigned module" => {
+                "the kernel enforces module signatures and the module is not signed: set [signing] in kernels.toml"
+            }
+            "module with unavailable key" => {
+                "the kernel enforces module signatures and the module is signed by a key it does not trust: sign with a key whose certificate the kernel (or the node's MOK list) holds"
+            }
+            _ => {
+                "the kernel enforces module signatures and cannot check this signature's algorithm"
+            }
+        },
+        None if said.contains("Key was rejected by service") => {
+            return Some("the kernel rejected the module's signature: it does not hold (the module changed after signing) or the kernel does not trust its key".into());
+        }
+        None => return None,
+    };
+    Some(format!("{} ({why})", strip_time(line?)))
+}
+
+/// The kernel's notice when it refuses a module for its signature
+/// (`kernel/module/signing.c`).
+static SIGNATURE_REFUSAL: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"Loading of (.+) is rejected").unwrap());
 
 fn judge_unload(
     s: &Subject,
@@ -1032,6 +1084,52 @@ rmmod kmf_user
         assert_eq!(memory_mb(0), 384);
         // A 119 MB tree, as the one that made a 512 MiB guest's copy fail.
         assert!(memory_mb(119 << 20) >= 384 + 2 * 119);
+    }
+
+    #[test]
+    fn the_node_arguments_follow_the_tests_own() {
+        assert_eq!(command_line(&[]), "console=ttyS0 panic=-1 loglevel=7");
+        assert_eq!(
+            command_line(&["module.sig_enforce=1".into()]),
+            "console=ttyS0 panic=-1 loglevel=7 module.sig_enforce=1"
+        );
+    }
+
+    #[test]
+    fn a_signature_refusal_says_why() {
+        let refused = |kernel_says: &str| {
+            let console = format!(
+                "@@kmodforge load kmf_hello\nmodprobe: ERROR: could not insert 'kmf_hello': Key was rejected by service\n\
+                 @@kmodforge rc 1\n@@kmodforge modules\n@@kmodforge dmesg-begin\n{kernel_says}@@kmodforge dmesg-end\n@@kmodforge end\n"
+            );
+            judge(
+                &console,
+                "6.1.0-47-amd64",
+                &[subject("kmf_hello", &[])],
+                true,
+            )[0]
+            .reason
+            .clone()
+            .unwrap()
+        };
+        let r = refused("[    2.5] Loading of unsigned module is rejected\n");
+        assert!(
+            r.contains(
+                "Key was rejected by service; kernel: Loading of unsigned module is rejected"
+            ) && r.contains("the module is not signed"),
+            "{r}"
+        );
+        let r = refused("[    2.5] Loading of module with unavailable key is rejected\n");
+        assert!(
+            r.contains("Loading of module with unavailable key is rejected")
+                && r.contains("signed by a key it does not trust"),
+            "{r}"
+        );
+        let r = refused("");
+        assert!(
+            r.contains("the kernel rejected the module's signature"),
+            "{r}"
+        );
     }
 
     #[test]

@@ -88,7 +88,8 @@ impl Project {
             .args(args);
         cmd.env_remove("KMODFORGE_ENGINE")
             .env_remove("KMODFORGE_OUT")
-            .env_remove("KMODFORGE_CONFIG");
+            .env_remove("KMODFORGE_CONFIG")
+            .env_remove("KMODFORGE_SIGNING_KEY");
         cmd
     }
 

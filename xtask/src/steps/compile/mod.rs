@@ -9,7 +9,9 @@
 //! told not to (the unstripped ones are kept for crash analysis) and reported in a
 //! manifest. Modules this one depends on are mounted read-only, their `Module.symvers`
 //! passed as `KBUILD_EXTRA_SYMBOLS`. Every `.ko` is checked against the kernel version
-//! (vermagic) before it is kept. `make` shares the run's jobserver (or a share of `-j`).
+//! (vermagic) before it is kept, and with `[signing]` then signed, in a container of
+//! its own that alone sees the key ([`crate::steps::sign`]). `make` shares the run's
+//! jobserver (or a share of `-j`).
 
 use std::path::{Path, PathBuf};
 
@@ -18,6 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::diag::display_path;
 use crate::config::modules::{Build, Language, Module, make_vars};
+use crate::config::signing::Signing;
 use crate::formats::modinfo::check_vermagic;
 use crate::host::engine::{Engine, Mount, Run};
 use crate::host::fs::{copy_file, read_json, replace_dir, write_json};
@@ -185,6 +188,8 @@ pub struct Compile<'a> {
     pub fingerprint: &'a str,
     pub jobs: MakeJobs<'a>,
     pub log: &'a Path,
+    /// Sign the stripped modules with this key and certificate.
+    pub signing: Option<&'a Signing>,
 }
 
 /// What the driver reported.
@@ -237,6 +242,17 @@ impl Compile<'_> {
         self.check(&manifest)?;
         for (name, _, _) in &manifest.modules {
             check_vermagic(&out.path().join("modules").join(name), self.kver)?;
+        }
+        if let Some(signing) = self.signing {
+            let names: Vec<String> = manifest.modules.iter().map(|m| m.0.clone()).collect();
+            let signer = crate::steps::sign::Signer {
+                engine: self.engine,
+                signing,
+                image: self.image,
+                kdir: self.kdir,
+                kver: self.kver,
+            };
+            signer.sign(&out.path().join("modules"), &names, self.log)?;
         }
         self.keep(out.path(), &manifest)?;
         Ok(None)
