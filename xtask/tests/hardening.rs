@@ -399,6 +399,7 @@ fn logs_are_capped_and_work_folders_removed() {
     for m in [
         "kmf_crc",
         "kmf_export",
+        "kmf_fw",
         "kmf_nested",
         "kmf_param",
         "kmf_rust",
@@ -536,6 +537,7 @@ fn an_in_cluster_build_past_a_config_map_is_refused_with_its_size() {
     for m in [
         "kmf_crc",
         "kmf_export",
+        "kmf_fw",
         "kmf_nested",
         "kmf_param",
         "kmf_rust",

@@ -181,6 +181,7 @@ fn kmm_manifests_pass_the_crd_and_the_webhook_and_load_real_modules() {
         names,
         [
             "kmf-demo-kmf-crc",
+            "kmf-demo-kmf-fw",
             "kmf-demo-kmf-hello",
             "kmf-demo-kmf-nested",
             "kmf-demo-kmf-param",
@@ -229,12 +230,12 @@ fn kmm_manifests_pass_the_crd_and_the_webhook_and_load_real_modules() {
             );
         }
     }
-    let user = &modules[4]["spec"]["moduleLoader"]["container"]["modprobe"];
+    let user = &modules[5]["spec"]["moduleLoader"]["container"]["modprobe"];
     assert_eq!(
         user["modulesLoadingOrder"],
         serde_json::json!(["kmf_user", "kmf_export"])
     );
-    let param = &modules[3]["spec"]["moduleLoader"]["container"]["modprobe"];
+    let param = &modules[4]["spec"]["moduleLoader"]["container"]["modprobe"];
     assert_eq!(
         param["parameters"],
         serde_json::json!(["greeting=kmodforge", "repeat=3"])
@@ -422,9 +423,12 @@ fn the_in_cluster_dockerfile_builds_from_a_builder_image_what_build_all_builds()
         "the in-cluster Dockerfile must build FROM kmodforge's builder"
     );
 
+    // KMM's init container; kmf_fw's Module adds the copy of its firmwarePath.
     let copy = tempfile::tempdir().unwrap();
-    let init =
-        format!("mkdir -p /tmp/opt/lib/modules; cp -R /opt/lib/modules/{K61} /tmp/opt/lib/modules");
+    let init = format!(
+        "mkdir -p /tmp/opt/lib/modules; cp -R /opt/lib/modules/{K61} /tmp/opt/lib/modules; \
+         mkdir -p /tmp/opt/firmware/kmf_fw; cp -R /opt/firmware/kmf_fw/* /tmp/opt/firmware/kmf_fw"
+    );
     let ok = Command::new("podman")
         .args([
             "run",
@@ -454,6 +458,12 @@ fn the_in_cluster_dockerfile_builds_from_a_builder_image_what_build_all_builds()
     assert_eq!(
         fs::read_link(copied.join("host")).unwrap(),
         fs::read_link(p.moddir(K61).join("host")).unwrap()
+    );
+    // The firmware where kmodforge's own image holds it.
+    assert_eq!(
+        relative(&copy.path().join("firmware/kmf_fw")),
+        relative(&p.path().join("modules/kmf_fw/firmware")),
+        "kmf_fw's firmware, as in kmodforge's layer"
     );
 
     // A kernel kernels.toml does not list fails the build, loudly.

@@ -14,6 +14,7 @@ use std::sync::LazyLock;
 pub mod diag;
 pub mod dkms;
 pub mod envsubst;
+pub mod firmware;
 pub mod kmm;
 pub mod modules;
 pub mod signing;

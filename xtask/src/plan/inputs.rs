@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 
 use anyhow::Result;
 
+use crate::config::modules::Module;
 use crate::config::{Config, ImageBase};
 use crate::plan::{JobKind, Plan};
 use crate::run::fingerprint::Fingerprint;
@@ -68,8 +69,9 @@ fn own_inputs(plan: &Plan, kind: &JobKind, f: &mut Fingerprint) -> Result<()> {
         JobKind::Depmod { .. } => {
             f.field("host-link", &format!("{:?}", config.image.host_link));
         }
-        JobKind::Layer { .. } => {
+        JobKind::Layer { kernel } => {
             f.field("prefix", &config.image.prefix);
+            firmware(&plan.kernels[*kernel].modules, f)?;
         }
         JobKind::ImageBase => image_base(config, f),
         JobKind::Image { .. } => {
@@ -92,6 +94,22 @@ fn own_inputs(plan: &Plan, kind: &JobKind, f: &mut Fingerprint) -> Result<()> {
         JobKind::Builder { kernel } | JobKind::BuilderPush { kernel } => {
             let kver = plan.kernels[*kernel].kver();
             f.field("builder", &crate::steps::builder::reference(config, kver)?);
+        }
+    }
+    Ok(())
+}
+
+/// The firmware files of the modules that may ship them (names and bytes): what the
+/// layer copies from the module folders besides the staging tree.
+fn firmware(modules: &[&Module], f: &mut Fingerprint) -> Result<()> {
+    for m in modules {
+        let Some(dir) = &m.firmware else { continue };
+        f.field("firmware", &m.name);
+        let files = crate::config::firmware::files(&m.dir, dir)
+            .map_err(|e| anyhow::anyhow!("the firmware of module {}: {e}", m.name))?;
+        for file in files {
+            f.field("firmware-file", &file.name);
+            f.contents(&file.source)?;
         }
     }
     Ok(())
@@ -246,6 +264,50 @@ mod tests {
             std::fs::write(d.join("reload"), "").unwrap();
         };
         assert_eq!(changed_between(TOML, TOML, edit).len(), 2);
+    }
+
+    /// Each kernel's layer fingerprint from its own inputs (not its dependencies').
+    fn layer_inputs(plan: &Plan) -> Vec<String> {
+        plan.jobs
+            .iter()
+            .filter(|j| matches!(j.kind, JobKind::Layer { .. }))
+            .map(|j| {
+                let mut f = Fingerprint::new("t");
+                own_inputs(plan, &j.kind, &mut f).unwrap();
+                f.finish()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn firmware_files_are_inputs_of_the_layers_that_ship_them() {
+        let fw = "[firmware]\ndir = \"fw\"\n";
+        let only61 = "kernels = '^6\\.1\\.'\n[firmware]\ndir = \"fw\"\n";
+        let (d, _) = crate::testing::scratch(TOML, &[("a", Some(fw)), ("b", Some(only61))]);
+        for m in ["a", "b"] {
+            std::fs::create_dir_all(d.path().join(format!("modules/{m}/fw/{m}"))).unwrap();
+            std::fs::write(d.path().join(format!("modules/{m}/fw/{m}/x.bin")), [0u8, 1]).unwrap();
+        }
+        let load = || Config::load(&d.path().join("kernels.toml")).unwrap();
+        let c = load();
+        let before = layer_inputs(&Plan::new(&c, None, Scope::image(false)).unwrap());
+        // Bytes that are not UTF-8 still count, each one.
+        std::fs::write(d.path().join("modules/b/fw/b/x.bin"), [0u8, 2]).unwrap();
+        let c = load();
+        let after = layer_inputs(&Plan::new(&c, None, Scope::image(false)).unwrap());
+        assert_ne!(after[0], before[0], "6.1's layer ships b's firmware");
+        assert_eq!(after[1], before[1], "6.12's layer does not");
+        std::fs::rename(
+            d.path().join("modules/a/fw/a/x.bin"),
+            d.path().join("modules/a/fw/a/y.bin"),
+        )
+        .unwrap();
+        let c = load();
+        let renamed = layer_inputs(&Plan::new(&c, None, Scope::image(false)).unwrap());
+        assert!(
+            renamed[0] != after[0] && renamed[1] != after[1],
+            "a file's name counts"
+        );
     }
 
     #[test]

@@ -10,7 +10,9 @@
 //! by the tree, by the kernel's in-tree modules (through the link) or by the kernel
 //! itself, with the CRC the kernel has where it uses modversions; with `[signing]`,
 //! every module is signed with the configured certificate's key (what a Secure Boot
-//! node checks). And the image gives KMM's worker the `sh`, `mkdir` and `cp` it runs.
+//! node checks). And the image gives KMM's worker the `sh`, `mkdir` and `cp` it runs,
+//! and a file in every firmware folder (the firmware it holds is listed, with what the
+//! modules name that it lacks).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -24,6 +26,7 @@ use crate::formats::oci::{self, Node, OciDir};
 use crate::run::fingerprint::walk_files;
 use crate::run::layout::Layout;
 use crate::steps::depmod::{DEPMOD_FILES, HOST_LINK, kernel_symvers};
+use crate::steps::image::firmware_paths;
 use crate::steps::sign;
 
 /// One check and how it went.
@@ -439,8 +442,8 @@ pub fn image(
 ) -> Result<Vec<Check>> {
     let tree_root = format!("{}/lib/modules/{kver}", prefix.trim_matches('/'));
     let fs = oci::filesystem(oci_dir, |p| p.starts_with(&format!("{tree_root}/")))?;
+    let t = Tree::from_image(&fs, &tree_root);
     let mut checks = if fs.contains_key(&tree_root) {
-        let t = Tree::from_image(&fs, &tree_root);
         let mut checks = tree(&t, kver, &format!("/{tree_root}/"), kernel);
         if let Some(cert) = cert {
             checks.push(signatures(&t, cert)?);
@@ -453,6 +456,7 @@ pub fn image(
             String::new(),
         )]
     };
+    checks.extend(firmware(&fs, prefix, &t));
     let mut missing = Vec::new();
     for tool in ["sh", "mkdir", "cp"] {
         let found = ["bin", "usr/bin"]
@@ -470,6 +474,55 @@ pub fn image(
         "sh, mkdir and cp, which KMM's worker runs".into(),
     ));
     Ok(checks)
+}
+
+/// The image's firmware folders (KMM's `firmwarePath`s) and what they hold; the
+/// firmware its modules name (`MODULE_FIRMWARE`) that none holds, which the node must
+/// have. An empty folder fails: KMM's init container (`cp -R <firmwarePath>/*`) fails on
+/// it. No check at all for an image without firmware whose modules name none.
+fn firmware(fs: &oci::FileSystem, prefix: &str, t: &Tree) -> Option<Check> {
+    let folders = firmware_paths(fs, prefix);
+    let mut shipped = BTreeSet::new();
+    let (mut problems, mut held) = (Vec::new(), Vec::new());
+    for folder in &folders {
+        let root = format!("{}/", folder.trim_start_matches('/'));
+        let files: Vec<&str> = fs
+            .range(root.clone()..)
+            .take_while(|(p, _)| p.starts_with(&root))
+            .filter(|(_, n)| matches!(n, Node::File { .. }))
+            .map(|(p, _)| &p[root.len()..])
+            .collect();
+        if files.is_empty() {
+            problems.push(format!(
+                "{folder} holds no file: KMM's init container (cp -R {folder}/*) fails on it"
+            ));
+        }
+        held.push(format!("{folder}: {}", files.join(" ")));
+        shipped.extend(files);
+    }
+    let mut wanted: Vec<String> = Vec::new();
+    for (ko, data) in t.files.iter().filter(|(p, _)| p.ends_with(".ko")) {
+        let Ok(info) = ModInfo::from_elf(data) else {
+            continue;
+        };
+        for (_, name) in info.fields.iter().filter(|(k, _)| k == "firmware") {
+            if !shipped.contains(name.as_str()) {
+                wanted.push(format!(
+                    "{ko} names {name}, which the image does not hold (the node must have it)"
+                ));
+            }
+        }
+    }
+    if folders.is_empty() && wanted.is_empty() {
+        return None;
+    }
+    let mut detail = if held.is_empty() {
+        vec!["no firmware folder".to_string()]
+    } else {
+        held
+    };
+    detail.extend(wanted);
+    Some(check("firmware", problems, detail.join("; ")))
 }
 
 #[cfg(test)]
