@@ -190,6 +190,13 @@ fn kmm_manifests_pass_the_crd_and_the_webhook_and_load_real_modules() {
         "the Rust module has no kernel here; kmf_export loads with kmf_user"
     );
     for m in &modules {
+        // KMM copies a Module's firmwarePath to the node before modprobe: kmf_fw's only.
+        let firmware = &m["spec"]["moduleLoader"]["container"]["modprobe"]["firmwarePath"];
+        if m["metadata"]["name"] == "kmf-demo-kmf-fw" {
+            assert_eq!(firmware, "/opt/firmware/kmf_fw");
+        } else {
+            assert!(firmware.is_null(), "{m:#}");
+        }
         let crd: Vec<String> = validator
             .iter_errors(m)
             .map(|e| format!("{e} at {}", e.instance_path()))

@@ -182,6 +182,9 @@ pub struct LayerRecord {
     /// The module folders whose firmware it holds (at [`firmware_dir`]).
     #[serde(default)]
     pub firmware: Vec<String>,
+    /// The staging tree it was written from ([`crate::steps::depmod::tree_fingerprint`]).
+    #[serde(default)]
+    pub tree: String,
 }
 
 impl LayerRecord {
@@ -204,7 +207,10 @@ impl LayerRecord {
         let rec: LayerRecord = read_json(&Self::path(layout, kver))?;
         let blob = Self::blob(layout, kver);
         let intact = blob.metadata().is_ok_and(|m| m.len() == rec.size);
-        (rec.fingerprint == fingerprint && rec.epoch == epoch && intact).then_some(rec)
+        // The same inputs can have made another tree (a module failed once, then built).
+        let same_tree =
+            crate::steps::depmod::tree_fingerprint(layout, kver).is_some_and(|t| t == rec.tree);
+        (rec.fingerprint == fingerprint && rec.epoch == epoch && intact && same_tree).then_some(rec)
     }
 
     /// The last layer written for `kver`, whatever its inputs.
@@ -255,6 +261,7 @@ pub fn write_layer(
         modules_dir,
         modules,
         firmware: with_firmware,
+        tree: crate::steps::depmod::tree_fingerprint(layout, kver).unwrap_or_default(),
     };
     write_atomic(&LayerRecord::blob(layout, kver), &layer.gzip)?;
     write_json(&LayerRecord::path(layout, kver), &record)?;
