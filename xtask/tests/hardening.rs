@@ -92,6 +92,18 @@ fn at(p: &Project, needle: &str) -> String {
     format!("{}:{line}:{col}", path.display())
 }
 
+/// A project for `K61` with `kmf_hello` alone (one quick compile).
+fn hello_only() -> Project {
+    let p = Project::new(&[K61]);
+    let modules = fs::read_dir(p.path().join("modules")).unwrap();
+    for m in modules.map(|e| e.unwrap().file_name().into_string().unwrap()) {
+        if m != "kmf_hello" {
+            p.remove_module(&m);
+        }
+    }
+    p
+}
+
 #[test]
 fn links_leaving_a_module_folder_are_refused_by_name() {
     let p = project();
@@ -395,18 +407,7 @@ fn a_failed_recipe_shows_the_engines_error_line() {
 #[test]
 fn logs_are_capped_and_work_folders_removed() {
     require("podman", "podman");
-    let p = Project::new(&[K61]);
-    for m in [
-        "kmf_crc",
-        "kmf_export",
-        "kmf_fw",
-        "kmf_nested",
-        "kmf_param",
-        "kmf_rust",
-        "kmf_user",
-    ] {
-        p.remove_module(m);
-    }
+    let p = hello_only();
     p.write(
         "modules/kmf_hello/module.toml",
         "make = [\"sh\", \"-c\", \"yes kmodforge-noise | head -c 3000000; make -C \\\"$1\\\" M=\\\"$2\\\" modules\", \"sh\", \"${kernel_source_dir}\", \"${module_dir}\"]\n",
@@ -533,18 +534,7 @@ fn a_damaged_module_never_reaches_an_image() {
 #[test]
 fn an_in_cluster_build_past_a_config_map_is_refused_with_its_size() {
     require("podman", "podman");
-    let p = Project::new(&[K61]);
-    for m in [
-        "kmf_crc",
-        "kmf_export",
-        "kmf_fw",
-        "kmf_nested",
-        "kmf_param",
-        "kmf_rust",
-        "kmf_user",
-    ] {
-        p.remove_module(m);
-    }
+    let p = hello_only();
     // xorshift noise: gzip cannot shrink it.
     let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
     let noise: Vec<u8> = (0..2_000_000)

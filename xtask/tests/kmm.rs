@@ -394,6 +394,18 @@ fn preflight_checks_mappings_and_images_first() {
     assert_eq!(ocp[0]["spec"]["dtkImage"], "quay.io/x/dtk@sha256:00");
 }
 
+/// `podman build` of the in-cluster Dockerfile in `ctx` for `kver`, from `builder`.
+fn podman_build(builder: &str, kver: &str, tag: &str, ctx: &Path) -> Command {
+    let mut cmd = Command::new("podman");
+    cmd.args(["build", "--runtime=runc", "--ulimit=nofile=1024:1024"])
+        .arg("--ulimit=nproc=4096:4096")
+        .args(["--build-arg", &format!("KMODFORGE_BUILDER={builder}")])
+        .args(["--build-arg", &format!("KERNEL_FULL_VERSION={kver}")])
+        .args(["-t", tag])
+        .arg(ctx);
+    cmd
+}
+
 /// The in-cluster build on a cluster without the Driver Toolkit: kmodforge's builder
 /// image as KMODFORGE_BUILDER, the Dockerfile from the ConfigMap built by podman (as
 /// kaniko builds it: the Dockerfile is the whole context), and the tree KMM's worker
@@ -412,17 +424,8 @@ fn the_in_cluster_dockerfile_builds_from_a_builder_image_what_build_all_builds()
     )
     .unwrap();
     let tag = "localhost/kmodforge-test/in-cluster:1";
-    let built = Command::new("podman")
-        .args([
-            "build",
-            "--runtime=runc",
-            "--ulimit=nofile=1024:1024",
-            "--ulimit=nproc=4096:4096",
-        ])
-        .args(["--build-arg", &format!("KMODFORGE_BUILDER={builder}")])
-        .args(["--build-arg", &format!("KERNEL_FULL_VERSION={K61}")])
-        .args(["-q", "-t", tag])
-        .arg(ctx.path())
+    let built = podman_build(&builder, K61, tag, ctx.path())
+        .stdout(std::process::Stdio::null())
         .status()
         .unwrap();
     assert!(
@@ -474,23 +477,14 @@ fn the_in_cluster_dockerfile_builds_from_a_builder_image_what_build_all_builds()
     );
 
     // A kernel kernels.toml does not list fails the build, loudly.
-    let unknown = Command::new("podman")
-        .args([
-            "build",
-            "--runtime=runc",
-            "--ulimit=nofile=1024:1024",
-            "--ulimit=nproc=4096:4096",
-        ])
-        .args(["--build-arg", &format!("KMODFORGE_BUILDER={builder}")])
-        .args([
-            "--build-arg",
-            "KERNEL_FULL_VERSION=6.1.0-99-amd64",
-            "-t",
-            "localhost/kmodforge-test/in-cluster:2",
-        ])
-        .arg(ctx.path())
-        .output()
-        .unwrap();
+    let unknown = podman_build(
+        &builder,
+        "6.1.0-99-amd64",
+        "localhost/kmodforge-test/in-cluster:2",
+        ctx.path(),
+    )
+    .output()
+    .unwrap();
     assert!(!unknown.status.success());
     assert!(
         String::from_utf8_lossy(&unknown.stderr)

@@ -803,16 +803,10 @@ fn image_settings(source: &Source, raw: &RawImage, diags: &mut Diagnostics) -> I
 /// An image name template uses only the variables KMM defines for `containerImage`
 /// (KMM would make any other one empty) and resolves to a valid reference.
 pub fn check_image_template(template: &str) -> Result<(), String> {
-    let known = [
-        "KERNEL_FULL_VERSION",
-        "KERNEL_VERSION",
-        "KERNEL_XYZ",
-        "KERNEL_X",
-        "KERNEL_Y",
-        "KERNEL_Z",
-        "MOD_NAME",
-        "MOD_NAMESPACE",
-    ];
+    let known: Vec<&str> = envsubst::KERNEL_VARS
+        .into_iter()
+        .chain(envsubst::MODULE_VARS)
+        .collect();
     if let Some(unknown) = envsubst::referenced(template)
         .into_iter()
         .find(|n| !known.contains(&n.as_str()))

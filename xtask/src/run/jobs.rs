@@ -10,7 +10,7 @@ use std::sync::{Mutex, OnceLock};
 use anyhow::{Context as _, Result};
 
 use crate::config::HostLink;
-use crate::config::template::normalize_tag;
+use crate::config::envsubst::normalize as normalize_tag;
 use crate::host::engine::{Engine, EngineKind};
 use crate::plan::{JobKind, Plan};
 use crate::run::jobserver::Jobserver;

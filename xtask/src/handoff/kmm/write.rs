@@ -204,17 +204,10 @@ fn literal_mapping(
 /// name` filled in, which KMM must resolve to each kernel's image.
 fn regexp_mapping(h: &Handoff, m: &KmmModule) -> Result<KernelMapping> {
     let config = h.plan.config;
-    let mut vars: Vec<(&str, String)> = [
-        "KERNEL_FULL_VERSION",
-        "KERNEL_VERSION",
-        "KERNEL_XYZ",
-        "KERNEL_X",
-        "KERNEL_Y",
-        "KERNEL_Z",
-    ]
-    .into_iter()
-    .map(|v| (v, format!("${{{v}}}")))
-    .collect();
+    let mut vars: Vec<(&str, String)> = envsubst::KERNEL_VARS
+        .into_iter()
+        .map(|v| (v, format!("${{{v}}}")))
+        .collect();
     vars.push(("MOD_NAME", config.kmm.name.clone()));
     vars.push(("MOD_NAMESPACE", config.kmm.namespace.clone()));
     let template = envsubst::substitute(&config.image.name, &vars).map_err(anyhow::Error::msg)?;
