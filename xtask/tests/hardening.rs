@@ -1,7 +1,7 @@
 //! Hostile and unlucky inputs (issue 13): each case checks the exit status, the message
 //! (what, where, what to do), that the outputs already there are intact, and that the
-//! run left no container behind. The kill and interrupt cases are in tests/cancel.rs and
-//! tests/reap.rs; the exact argv of the in-cluster build in a unit test of
+//! run left no container behind. Ctrl-C and SIGTERM are in tests/build.rs, a cancel
+//! racing a start in tests/cancel.rs, `kill -9` and the next run's reaping in tests/reap.rs; the exact argv of the in-cluster build in a unit test of
 //! handoff/kmm/dockerfile.rs.
 
 mod common;
@@ -553,4 +553,59 @@ fn an_in_cluster_build_past_a_config_map_is_refused_with_its_size() {
         &["a ConfigMap holds at most 1048576", "help:"],
     );
     assert!(r.stdout.is_empty(), "no manifest is written: {}", r.stdout);
+}
+
+/// One binary, two checkouts (a target directory shared by both, as with a global
+/// CARGO_TARGET_DIR): the binary built here, run in checkout B, reads checkout B, both
+/// as `cargo run` starts it (CARGO_MANIFEST_DIR=B/xtask) and run directly from B.
+#[test]
+fn a_binary_shared_by_two_checkouts_reads_the_one_it_runs_in() {
+    let b = project();
+    p_rename_module(&b, "kmf_hello", "kmf_only_in_b");
+    fs::create_dir_all(b.path().join("xtask")).unwrap();
+    let plan = |cmd: &mut Command| {
+        let out = cmd
+            .arg("plan")
+            .env_remove("KMODFORGE_CONFIG")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let bin = env!("CARGO_BIN_EXE_xtask");
+    let as_cargo_runs_it = plan(
+        Command::new(bin)
+            .current_dir(b.path().join("modules"))
+            .env("CARGO_MANIFEST_DIR", b.path().join("xtask")),
+    );
+    let run_directly = plan(
+        Command::new(bin)
+            .current_dir(b.path().join("modules"))
+            .env_remove("CARGO_MANIFEST_DIR"),
+    );
+    for listed in [as_cargo_runs_it, run_directly] {
+        assert!(listed.contains("kmf_only_in_b"), "{listed}");
+        assert!(
+            !listed.contains("kmf_hello"),
+            "read the checkout it was built in: {listed}"
+        );
+    }
+}
+
+fn p_rename_module(p: &Project, from: &str, to: &str) {
+    let dir = p.path().join("modules");
+    fs::rename(dir.join(from), dir.join(to)).unwrap();
+    fs::rename(
+        dir.join(to).join(format!("{from}.c")),
+        dir.join(to).join(format!("{to}.c")),
+    )
+    .unwrap();
+    p.write(
+        &format!("modules/{to}/Kbuild"),
+        &format!("obj-m := {to}.o\n"),
+    );
 }
