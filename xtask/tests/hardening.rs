@@ -1,7 +1,8 @@
 //! Hostile and unlucky inputs (issue 13): each case checks the exit status, the message
 //! (what, where, what to do), that the outputs already there are intact, and that the
 //! run left no container behind. Ctrl-C and SIGTERM are in tests/build.rs, a cancel
-//! racing a start in tests/cancel.rs, `kill -9` and the next run's reaping in tests/reap.rs; the exact argv of the in-cluster build in a unit test of
+//! racing a start in tests/cancel.rs, `kill -9` and the next run's reaping in
+//! tests/reap.rs; the exact argv of the in-cluster build in a unit test of
 //! handoff/kmm/dockerfile.rs.
 
 mod common;
