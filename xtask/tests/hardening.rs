@@ -97,7 +97,10 @@ fn at(p: &Project, needle: &str) -> String {
 fn hello_only() -> Project {
     let p = Project::new(&[K61]);
     let modules = fs::read_dir(p.path().join("modules")).unwrap();
-    for m in modules.map(|e| e.unwrap().file_name().into_string().unwrap()) {
+    let folders = modules
+        .map(|e| e.unwrap().path())
+        .filter(|path| path.is_dir());
+    for m in folders.map(|path| path.file_name().unwrap().to_str().unwrap().to_string()) {
         if m != "kmf_hello" {
             p.remove_module(&m);
         }
