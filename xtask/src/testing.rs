@@ -45,5 +45,6 @@ pub fn module(name: &str) -> crate::config::modules::Module {
         packages: Vec::new(),
         test: Default::default(),
         kmm: Default::default(),
+        firmware: None,
     }
 }

@@ -194,6 +194,88 @@ fn invalid_regular_expression() {
 }
 
 #[test]
+fn bad_firmware_dirs() {
+    let toml = "modules/kmf_fw/module.toml";
+    let fw = |dir: &str| format!("kernels = '-amd64$'\n\n[firmware]\ndir = \"{dir}\"\n");
+    let help = "help: `dir` is a folder of the module folder";
+    // Outside the module folder.
+    for dir in ["../kmf_hello", "/lib/firmware"] {
+        let p = project_with_output();
+        p.write(toml, &fw(dir));
+        fails_cleanly(
+            &p,
+            &[
+                &format!("{toml}:4:7"),
+                &format!("firmware dir {dir:?} is not a folder inside the module folder"),
+                help,
+            ],
+        );
+    }
+    // Missing.
+    let p = project_with_output();
+    p.write(toml, &fw("blobs"));
+    fails_cleanly(
+        &p,
+        &[
+            &format!("{toml}:4:7"),
+            "firmware dir \"blobs\" does not exist in",
+            help,
+        ],
+    );
+    // The repository's own module.toml, where `dir`'s value is.
+    let text = fs::read_to_string(repo_root().join(toml)).unwrap();
+    let offset = text.find("dir = ").unwrap() + "dir = ".len();
+    let line = text[..offset].matches('\n').count() + 1;
+    let col = offset - text[..offset].rfind('\n').map_or(0, |i| i + 1) + 1;
+    let at_dir = format!("{toml}:{line}:{col}");
+    // Empty: KMM's copy would fail on it.
+    let p = project_with_output();
+    fs::remove_file(p.path().join("modules/kmf_fw/firmware/kmf_fw/hello.bin")).unwrap();
+    fails_cleanly(
+        &p,
+        &[
+            &at_dir,
+            "firmware dir \"firmware\" holds no file: KMM's `cp -R <firmwarePath>/*` fails on an empty folder",
+        ],
+    );
+    // A link out of the module folder, named (as every such link in a module folder is),
+    // whether absolute or climbing out.
+    for target in ["/etc/hostname", "../../../kmf_hello/kmf_hello.c"] {
+        let p = project_with_output();
+        std::os::unix::fs::symlink(
+            target,
+            p.path().join("modules/kmf_fw/firmware/kmf_fw/host.bin"),
+        )
+        .unwrap();
+        fails_cleanly(
+            &p,
+            &[&format!(
+                "modules/kmf_fw/firmware/kmf_fw/host.bin is a symbolic link to {target}, outside its module folder"
+            )],
+        );
+    }
+    // A hidden file is not firmware: a folder holding only one is empty.
+    let p = project_with_output();
+    fs::rename(
+        p.path().join("modules/kmf_fw/firmware/kmf_fw/hello.bin"),
+        p.path()
+            .join("modules/kmf_fw/firmware/kmf_fw/.hello.bin.swp"),
+    )
+    .unwrap();
+    fails_cleanly(&p, &[&at_dir, "firmware dir \"firmware\" holds no file"]);
+    // A misspelt key.
+    let p = project_with_output();
+    p.write(toml, "[firmware]\ndirectory = \"firmware\"\n");
+    fails_cleanly(
+        &p,
+        &[
+            &format!("{toml}:2:1"),
+            "unknown field `directory`, expected `dir`",
+        ],
+    );
+}
+
+#[test]
 fn no_engine_installed() {
     let p = project_with_output();
     let empty = tempfile::tempdir().unwrap();

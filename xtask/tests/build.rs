@@ -12,6 +12,7 @@ use common::*;
 
 const MODULES: &[&str] = &[
     "kmf_export",
+    "kmf_fw",
     "kmf_hello",
     "kmf_nested",
     "kmf_param",
@@ -53,6 +54,11 @@ fn builds_every_module_for_a_61_and_a_612_kernel_then_only_what_changed() {
         ] {
             assert!(dir.join(f).is_file(), "{f} missing for {kver}");
         }
+        // kmf_fw names the firmware it requests (MODULE_FIRMWARE), as `verify` reads it.
+        assert_eq!(
+            modinfo(&dir.join("kmf_fw.ko"), "firmware"),
+            "kmf_fw/hello.bin"
+        );
         // kmf_user resolved kmf_export_add through the exporter's Module.symvers.
         assert_eq!(modinfo(&dir.join("kmf_user.ko"), "depends"), "kmf_export");
         // depmod indexed the exported symbol, so modprobe can resolve it by name.

@@ -359,9 +359,9 @@ fn load_them(p: &Project) {
         .lines()
         .filter_map(|l| {
             let w: Vec<&str> = l.split_whitespace().collect();
-            let result = match w.get(4..6) {
-                Some(["needs", "hardware"]) => "needs hardware",
-                Some([r, ..]) if ["PASS", "FAIL"].contains(r) => r,
+            let result = match (w.get(4), w.get(5)) {
+                (Some(&"needs"), Some(&"hardware")) => "needs hardware",
+                (Some(r), _) if ["PASS", "FAIL"].contains(r) => r,
                 _ => return None,
             };
             let skip = if result == "needs hardware" { 6 } else { 5 };

@@ -1,6 +1,7 @@
 //! Hostile and unlucky inputs (issue 13): each case checks the exit status, the message
 //! (what, where, what to do), that the outputs already there are intact, and that the
-//! run left no container behind. The kill and interrupt cases are in tests/cancel.rs and
+//! run left no container behind. Ctrl-C and SIGTERM are in tests/build.rs, a cancel
+//! racing a start in tests/cancel.rs, `kill -9` and the next run's reaping in
 //! tests/reap.rs; the exact argv of the in-cluster build in a unit test of
 //! handoff/kmm/dockerfile.rs.
 
@@ -90,6 +91,21 @@ fn at(p: &Project, needle: &str) -> String {
     let line = text[..offset].matches('\n').count() + 1;
     let col = offset - text[..offset].rfind('\n').map_or(0, |i| i + 1) + 1;
     format!("{}:{line}:{col}", path.display())
+}
+
+/// A project for `K61` with `kmf_hello` alone (one quick compile).
+fn hello_only() -> Project {
+    let p = Project::new(&[K61]);
+    let modules = fs::read_dir(p.path().join("modules")).unwrap();
+    let folders = modules
+        .map(|e| e.unwrap().path())
+        .filter(|path| path.is_dir());
+    for m in folders.map(|path| path.file_name().unwrap().to_str().unwrap().to_string()) {
+        if m != "kmf_hello" {
+            p.remove_module(&m);
+        }
+    }
+    p
 }
 
 #[test]
@@ -395,17 +411,7 @@ fn a_failed_recipe_shows_the_engines_error_line() {
 #[test]
 fn logs_are_capped_and_work_folders_removed() {
     require("podman", "podman");
-    let p = Project::new(&[K61]);
-    for m in [
-        "kmf_crc",
-        "kmf_export",
-        "kmf_nested",
-        "kmf_param",
-        "kmf_rust",
-        "kmf_user",
-    ] {
-        p.remove_module(m);
-    }
+    let p = hello_only();
     p.write(
         "modules/kmf_hello/module.toml",
         "make = [\"sh\", \"-c\", \"yes kmodforge-noise | head -c 3000000; make -C \\\"$1\\\" M=\\\"$2\\\" modules\", \"sh\", \"${kernel_source_dir}\", \"${module_dir}\"]\n",
@@ -532,17 +538,7 @@ fn a_damaged_module_never_reaches_an_image() {
 #[test]
 fn an_in_cluster_build_past_a_config_map_is_refused_with_its_size() {
     require("podman", "podman");
-    let p = Project::new(&[K61]);
-    for m in [
-        "kmf_crc",
-        "kmf_export",
-        "kmf_nested",
-        "kmf_param",
-        "kmf_rust",
-        "kmf_user",
-    ] {
-        p.remove_module(m);
-    }
+    let p = hello_only();
     // xorshift noise: gzip cannot shrink it.
     let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
     let noise: Vec<u8> = (0..2_000_000)
@@ -561,4 +557,59 @@ fn an_in_cluster_build_past_a_config_map_is_refused_with_its_size() {
         &["a ConfigMap holds at most 1048576", "help:"],
     );
     assert!(r.stdout.is_empty(), "no manifest is written: {}", r.stdout);
+}
+
+/// One binary, two checkouts (a target directory shared by both, as with a global
+/// CARGO_TARGET_DIR): the binary built here, run in checkout B, reads checkout B, both
+/// as `cargo run` starts it (CARGO_MANIFEST_DIR=B/xtask) and run directly from B.
+#[test]
+fn a_binary_shared_by_two_checkouts_reads_the_one_it_runs_in() {
+    let b = project();
+    p_rename_module(&b, "kmf_hello", "kmf_only_in_b");
+    fs::create_dir_all(b.path().join("xtask")).unwrap();
+    let plan = |cmd: &mut Command| {
+        let out = cmd
+            .arg("plan")
+            .env_remove("KMODFORGE_CONFIG")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let bin = env!("CARGO_BIN_EXE_xtask");
+    let as_cargo_runs_it = plan(
+        Command::new(bin)
+            .current_dir(b.path().join("modules"))
+            .env("CARGO_MANIFEST_DIR", b.path().join("xtask")),
+    );
+    let run_directly = plan(
+        Command::new(bin)
+            .current_dir(b.path().join("modules"))
+            .env_remove("CARGO_MANIFEST_DIR"),
+    );
+    for listed in [as_cargo_runs_it, run_directly] {
+        assert!(listed.contains("kmf_only_in_b"), "{listed}");
+        assert!(
+            !listed.contains("kmf_hello"),
+            "read the checkout it was built in: {listed}"
+        );
+    }
+}
+
+fn p_rename_module(p: &Project, from: &str, to: &str) {
+    let dir = p.path().join("modules");
+    fs::rename(dir.join(from), dir.join(to)).unwrap();
+    fs::rename(
+        dir.join(to).join(format!("{from}.c")),
+        dir.join(to).join(format!("{to}.c")),
+    )
+    .unwrap();
+    p.write(
+        &format!("modules/{to}/Kbuild"),
+        &format!("obj-m := {to}.o\n"),
+    );
 }

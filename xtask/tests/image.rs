@@ -109,10 +109,16 @@ fn a_busybox_image_is_minimal_reproducible_and_loads_the_way_kmm_copies_it() {
         "the base is busybox and nothing else"
     );
 
-    // The added layer holds exactly the staging tree under /opt/lib/modules/<kver>/.
+    // The added layer holds exactly the staging tree under /opt/lib/modules/<kver>/ and
+    // kmf_fw's firmware under /opt/firmware/kmf_fw/ (its KMM firmwarePath).
     let staging = p.moddir(K612);
+    let firmware = "opt/firmware/kmf_fw/kmf_fw/hello.bin";
     let mut expected: Vec<String> = [
         "opt/",
+        "opt/firmware/",
+        "opt/firmware/kmf_fw/",
+        "opt/firmware/kmf_fw/kmf_fw/",
+        firmware,
         "opt/lib/",
         "opt/lib/modules/",
         &format!("opt/lib/modules/{K612}/"),
@@ -131,6 +137,9 @@ fn a_busybox_image_is_minimal_reproducible_and_loads_the_way_kmm_copies_it() {
         layer.iter().map(|e| e.path.clone()).collect::<Vec<_>>(),
         expected
     );
+    let hello = fs::read(p.path().join("modules/kmf_fw/firmware/kmf_fw/hello.bin")).unwrap();
+    let fw = layer.iter().find(|e| e.path == firmware).unwrap();
+    assert_eq!((fw.mode, &fw.data), (0o644, &hello));
     for e in layer {
         assert_eq!((e.uid, e.mtime), (0, 1_700_000_000), "{}", e.path);
         if let Some((_, want)) = files
@@ -179,10 +188,12 @@ fn a_busybox_image_is_minimal_reproducible_and_loads_the_way_kmm_copies_it() {
         assert_eq!(a["io.kmodforge.kernel"], K612);
     }
 
-    // KMM's image-loader init container, exactly: the copy equals the build output.
+    // KMM's image-loader init container, exactly (a Module with firmwarePath adds its
+    // copy): the copy equals the build output and the module's firmware.
     let copy = tempfile::tempdir().unwrap();
     let init = format!(
-        "mkdir -p /tmp/opt/lib/modules; cp -R /opt/lib/modules/{K612} /tmp/opt/lib/modules"
+        "\nmkdir -p /tmp/opt/lib/modules;\ncp -R /opt/lib/modules/{K612} /tmp/opt/lib/modules;\n\
+         \nmkdir -p /tmp/opt/firmware/kmf_fw;\ncp -R /opt/firmware/kmf_fw/* /tmp/opt/firmware/kmf_fw;\n"
     );
     let status = Command::new("podman")
         .args(["run", "--rm"])
@@ -196,6 +207,10 @@ fn a_busybox_image_is_minimal_reproducible_and_loads_the_way_kmm_copies_it() {
     assert_eq!(
         relative_files(&copy.path().join("lib/modules").join(K612)),
         files
+    );
+    assert_eq!(
+        relative_files(&copy.path().join("firmware/kmf_fw")),
+        [("kmf_fw/hello.bin".to_string(), hello)]
     );
 
     // The time is an input; a malformed one is refused.
@@ -234,6 +249,79 @@ fn a_busybox_image_is_minimal_reproducible_and_loads_the_way_kmm_copies_it() {
     assert_eq!(
         fs::read(x.join(tar)).unwrap(),
         fs::read(y.join(tar)).unwrap()
+    );
+}
+
+/// The paths of the kmodforge layer (the last) of the image of `kver`.
+fn layer_paths(p: &Project, kver: &str) -> Vec<String> {
+    let img = read_layout(&p.out().join("images").join(kver));
+    let layer = img.layers.last().unwrap();
+    layer.iter().map(|e| e.path.clone()).collect()
+}
+
+#[test]
+fn firmware_ships_with_its_module_only() {
+    require("podman", "podman");
+    let busybox = "[image]\nbase = \"busybox\"\nname = \"localhost/kmodforge-test/fw:${KERNEL_FULL_VERSION}\"\n";
+    let p = image_project(K61, busybox);
+    for m in [
+        "kmf_crc",
+        "kmf_export",
+        "kmf_nested",
+        "kmf_param",
+        "kmf_user",
+        "kmf_rust",
+    ] {
+        p.remove_module(m);
+    }
+    let fw = "opt/firmware/kmf_fw/kmf_fw/hello.bin".to_string();
+    image(&p, &["--kernel", K61, "--no-load"], Some("1700000000")).ok();
+    assert!(layer_paths(&p, K61).contains(&fw));
+
+    // A kernel that does not build kmf_fw gets neither the module nor its firmware.
+    p.write(
+        "kernels.toml",
+        &format!(
+            "{}[[kernel]]\nversion = \"{K61}\"\nmodules = [\"kmf_hello\"]\n\n{busybox}",
+            toolchains_section()
+        ),
+    );
+    image(&p, &["--kernel", K61, "--no-load"], Some("1700000000")).ok();
+    let paths = layer_paths(&p, K61);
+    assert!(
+        paths
+            .iter()
+            .all(|p| !p.contains("firmware") && !p.contains("kmf_fw")),
+        "{paths:?}"
+    );
+
+    // Nor does one where kmf_fw failed to build: the tree ships what built, and only
+    // their firmware.
+    p.write(
+        "kernels.toml",
+        &format!(
+            "{}[[kernel]]\nversion = \"{K61}\"\n\n{busybox}",
+            toolchains_section()
+        ),
+    );
+    p.write(
+        "modules/kmf_fw/kmf_fw.c",
+        "#error kmf_fw does not build today\n",
+    );
+    let r = image(&p, &["--kernel", K61, "--no-load"], Some("1700000000")).failed();
+    assert!(
+        r.stderr.contains("kmf_fw does not build today"),
+        "{}",
+        r.all()
+    );
+    let paths = layer_paths(&p, K61);
+    assert!(
+        paths
+            .iter()
+            .all(|p| !p.contains("firmware") && !p.contains("kmf_fw"))
+            && paths.iter().any(|p| p.ends_with("kmf_hello.ko")),
+        "{paths:?}\n{}",
+        r.all()
     );
 }
 

@@ -181,6 +181,7 @@ fn kmm_manifests_pass_the_crd_and_the_webhook_and_load_real_modules() {
         names,
         [
             "kmf-demo-kmf-crc",
+            "kmf-demo-kmf-fw",
             "kmf-demo-kmf-hello",
             "kmf-demo-kmf-nested",
             "kmf-demo-kmf-param",
@@ -189,6 +190,13 @@ fn kmm_manifests_pass_the_crd_and_the_webhook_and_load_real_modules() {
         "the Rust module has no kernel here; kmf_export loads with kmf_user"
     );
     for m in &modules {
+        // KMM copies a Module's firmwarePath to the node before modprobe: kmf_fw's only.
+        let firmware = &m["spec"]["moduleLoader"]["container"]["modprobe"]["firmwarePath"];
+        if m["metadata"]["name"] == "kmf-demo-kmf-fw" {
+            assert_eq!(firmware, "/opt/firmware/kmf_fw");
+        } else {
+            assert!(firmware.is_null(), "{m:#}");
+        }
         let crd: Vec<String> = validator
             .iter_errors(m)
             .map(|e| format!("{e} at {}", e.instance_path()))
@@ -229,12 +237,12 @@ fn kmm_manifests_pass_the_crd_and_the_webhook_and_load_real_modules() {
             );
         }
     }
-    let user = &modules[4]["spec"]["moduleLoader"]["container"]["modprobe"];
+    let user = &modules[5]["spec"]["moduleLoader"]["container"]["modprobe"];
     assert_eq!(
         user["modulesLoadingOrder"],
         serde_json::json!(["kmf_user", "kmf_export"])
     );
-    let param = &modules[3]["spec"]["moduleLoader"]["container"]["modprobe"];
+    let param = &modules[4]["spec"]["moduleLoader"]["container"]["modprobe"];
     assert_eq!(
         param["parameters"],
         serde_json::json!(["greeting=kmodforge", "repeat=3"])
@@ -386,6 +394,18 @@ fn preflight_checks_mappings_and_images_first() {
     assert_eq!(ocp[0]["spec"]["dtkImage"], "quay.io/x/dtk@sha256:00");
 }
 
+/// `podman build` of the in-cluster Dockerfile in `ctx` for `kver`, from `builder`.
+fn podman_build(builder: &str, kver: &str, tag: &str, ctx: &Path) -> Command {
+    let mut cmd = Command::new("podman");
+    cmd.args(["build", "--runtime=runc", "--ulimit=nofile=1024:1024"])
+        .arg("--ulimit=nproc=4096:4096")
+        .args(["--build-arg", &format!("KMODFORGE_BUILDER={builder}")])
+        .args(["--build-arg", &format!("KERNEL_FULL_VERSION={kver}")])
+        .args(["-t", tag])
+        .arg(ctx);
+    cmd
+}
+
 /// The in-cluster build on a cluster without the Driver Toolkit: kmodforge's builder
 /// image as KMODFORGE_BUILDER, the Dockerfile from the ConfigMap built by podman (as
 /// kaniko builds it: the Dockerfile is the whole context), and the tree KMM's worker
@@ -404,17 +424,8 @@ fn the_in_cluster_dockerfile_builds_from_a_builder_image_what_build_all_builds()
     )
     .unwrap();
     let tag = "localhost/kmodforge-test/in-cluster:1";
-    let built = Command::new("podman")
-        .args([
-            "build",
-            "--runtime=runc",
-            "--ulimit=nofile=1024:1024",
-            "--ulimit=nproc=4096:4096",
-        ])
-        .args(["--build-arg", &format!("KMODFORGE_BUILDER={builder}")])
-        .args(["--build-arg", &format!("KERNEL_FULL_VERSION={K61}")])
-        .args(["-q", "-t", tag])
-        .arg(ctx.path())
+    let built = podman_build(&builder, K61, tag, ctx.path())
+        .stdout(std::process::Stdio::null())
         .status()
         .unwrap();
     assert!(
@@ -422,9 +433,12 @@ fn the_in_cluster_dockerfile_builds_from_a_builder_image_what_build_all_builds()
         "the in-cluster Dockerfile must build FROM kmodforge's builder"
     );
 
+    // KMM's init container; kmf_fw's Module adds the copy of its firmwarePath.
     let copy = tempfile::tempdir().unwrap();
-    let init =
-        format!("mkdir -p /tmp/opt/lib/modules; cp -R /opt/lib/modules/{K61} /tmp/opt/lib/modules");
+    let init = format!(
+        "mkdir -p /tmp/opt/lib/modules; cp -R /opt/lib/modules/{K61} /tmp/opt/lib/modules; \
+         mkdir -p /tmp/opt/firmware/kmf_fw; cp -R /opt/firmware/kmf_fw/* /tmp/opt/firmware/kmf_fw"
+    );
     let ok = Command::new("podman")
         .args([
             "run",
@@ -455,25 +469,22 @@ fn the_in_cluster_dockerfile_builds_from_a_builder_image_what_build_all_builds()
         fs::read_link(copied.join("host")).unwrap(),
         fs::read_link(p.moddir(K61).join("host")).unwrap()
     );
+    // The firmware where kmodforge's own image holds it.
+    assert_eq!(
+        relative(&copy.path().join("firmware/kmf_fw")),
+        relative(&p.path().join("modules/kmf_fw/firmware")),
+        "kmf_fw's firmware, as in kmodforge's layer"
+    );
 
     // A kernel kernels.toml does not list fails the build, loudly.
-    let unknown = Command::new("podman")
-        .args([
-            "build",
-            "--runtime=runc",
-            "--ulimit=nofile=1024:1024",
-            "--ulimit=nproc=4096:4096",
-        ])
-        .args(["--build-arg", &format!("KMODFORGE_BUILDER={builder}")])
-        .args([
-            "--build-arg",
-            "KERNEL_FULL_VERSION=6.1.0-99-amd64",
-            "-t",
-            "localhost/kmodforge-test/in-cluster:2",
-        ])
-        .arg(ctx.path())
-        .output()
-        .unwrap();
+    let unknown = podman_build(
+        &builder,
+        "6.1.0-99-amd64",
+        "localhost/kmodforge-test/in-cluster:2",
+        ctx.path(),
+    )
+    .output()
+    .unwrap();
     assert!(!unknown.status.success());
     assert!(
         String::from_utf8_lossy(&unknown.stderr)

@@ -91,6 +91,7 @@ fn every_example_module_loads_in_its_debian_kernel_as_kmm_loads_it() {
     let modules = [
         "kmf_crc",
         "kmf_export",
+        "kmf_fw",
         "kmf_hello",
         "kmf_nested",
         "kmf_param",
@@ -145,8 +146,15 @@ fn every_example_module_loads_in_its_debian_kernel_as_kmm_loads_it() {
             console.contains("kmf_crc: crc7_be(\"kmodforge\") = 0x"),
             "{console}"
         );
+        // kmf_fw found its firmware where KMM's worker put it.
+        assert!(
+            console.contains(
+                "kmf_fw: firmware kmf_fw/hello.bin (38 bytes) says \"hello from kmf_fw\""
+            ),
+            "{console}"
+        );
     }
-    assert_eq!(rows.len(), 12);
+    assert_eq!(rows.len(), 14);
 
     // verify agrees, statically, on the same outputs: every import resolved, kmf_crc's
     // through the host link.
@@ -378,6 +386,7 @@ fn a_tree_larger_than_the_old_guest_memory_loads() {
     for m in [
         "kmf_crc",
         "kmf_export",
+        "kmf_fw",
         "kmf_nested",
         "kmf_param",
         "kmf_user",
@@ -411,4 +420,128 @@ fn a_tree_larger_than_the_old_guest_memory_loads() {
         .and_then(|s| s.parse().ok())
         .unwrap();
     assert!(mib > 512 + 400, "{booted}");
+}
+
+#[test]
+fn a_module_loads_with_its_firmware_and_fails_without_it() {
+    require("podman", "podman");
+    require("qemu-system-x86_64", "qemu-system-x86");
+    // kmf_fw requests kmf_fw/hello.bin in its init; kmf_hello has no firmware.
+    let p = project(&[K61], "localhost/kmodforge-test/firmware");
+    for m in [
+        "kmf_crc",
+        "kmf_export",
+        "kmf_nested",
+        "kmf_param",
+        "kmf_user",
+        "kmf_rust",
+    ] {
+        p.remove_module(m);
+    }
+    let r = p.run(&["--engine", "podman", "test", "--kernel", K61]).ok();
+    let rows = table_rows(&r);
+    for m in ["kmf_fw", "kmf_hello"] {
+        assert!(
+            rows.iter().any(|row| row.1 == m && row.2 == "PASS"),
+            "{m}:\n{}",
+            r.all()
+        );
+    }
+    assert!(
+        r.stdout.contains("firmware from /opt/firmware/kmf_fw"),
+        "{}",
+        r.all()
+    );
+    let console =
+        || fs::read_to_string(p.out().join("logs").join(K61).join("qemu-console.log")).unwrap();
+    let c = console();
+    // KMM's steps, each with status 0, before the module asked for its file.
+    for step in [
+        "@@kmodforge firmware-path 0",
+        "@@kmodforge firmware-copied /opt/firmware/kmf_fw 0",
+        "@@kmodforge firmware-installed /opt/firmware/kmf_fw 0",
+    ] {
+        assert!(c.contains(step), "{step} in:\n{c}");
+    }
+    assert!(
+        c.contains("kmf_fw: firmware kmf_fw/hello.bin (38 bytes) says \"hello from kmf_fw\""),
+        "{c}"
+    );
+
+    // The image and verify: the firmware folder and the file the module names in it.
+    p.run(&["--engine", "podman", "image", "--kernel", K61])
+        .ok();
+    let v = p.run(&["verify", "--kernel", K61]).ok();
+    assert!(
+        v.stdout
+            .contains("ok    firmware      /opt/firmware/kmf_fw: kmf_fw/hello.bin"),
+        "{}",
+        v.all()
+    );
+
+    // An image whose firmware folder someone emptied: KMM's init container fails on
+    // `cp -R <firmwarePath>/*`, and that is kmf_fw's reason, not kmf_hello's.
+    let image = format!("localhost/kmodforge-test/firmware:{K61}");
+    let emptied = derived_image(
+        &image,
+        "RUN [\"/bin/busybox\", \"rm\", \"-r\", \"/opt/firmware/kmf_fw/kmf_fw\"]",
+        &[],
+        "nofw",
+    );
+    let emptied = emptied.path().to_str().unwrap();
+    let args = [
+        "--engine", "podman", "test", "--kernel", K61, "--image", emptied,
+    ];
+    let r = p.run(&args).failed();
+    let rows = table_rows(&r);
+    let fw = rows.iter().find(|row| row.1 == "kmf_fw").unwrap();
+    assert_eq!(fw.2, "FAIL", "{}", r.all());
+    assert!(
+        fw.3.starts_with("KMM's copy of the image's firmware /opt/firmware/kmf_fw (cp -R /opt/firmware/kmf_fw/* /tmp/opt/firmware/kmf_fw) failed: exit status 1: cp: can't stat '/opt/firmware/kmf_fw/*'"),
+        "{fw:?}"
+    );
+    assert!(
+        rows.iter()
+            .any(|row| row.1 == "kmf_hello" && row.2 == "PASS"),
+        "{}",
+        r.all()
+    );
+    let v = p
+        .run(&["verify", "--kernel", K61, "--image", emptied])
+        .failed();
+    assert!(
+        v.stdout.contains("FAIL  firmware      /opt/firmware/kmf_fw holds no file: KMM's init container (cp -R /opt/firmware/kmf_fw/*) fails on it"),
+        "{}",
+        v.all()
+    );
+
+    // The module folder without the file the module asks for: the layer is made again
+    // (its firmware is an input), and the module fails to load, saying which file.
+    let dir = p.path().join("modules/kmf_fw/firmware/kmf_fw");
+    fs::rename(dir.join("hello.bin"), dir.join("other.bin")).unwrap();
+    let r = p
+        .run(&["--engine", "podman", "test", "--kernel", K61])
+        .failed();
+    assert!(
+        r.started().contains(&format!("layer @ {K61}")),
+        "{}",
+        r.all()
+    );
+    let rows = table_rows(&r);
+    let fw = rows.iter().find(|row| row.1 == "kmf_fw").unwrap();
+    assert_eq!(fw.2, "FAIL", "{}", r.all());
+    assert!(
+        fw.3.contains("could not insert 'kmf_fw'")
+            && fw
+                .3
+                .contains("Direct firmware load for kmf_fw/hello.bin failed with error -2")
+            && fw
+                .3
+                .contains("is it in the module's [firmware] dir, as kmf_fw/hello.bin?"),
+        "{fw:?}"
+    );
+    assert!(
+        console().contains("@@kmodforge firmware-copied /opt/firmware/kmf_fw 0"),
+        "the copy itself worked: only the file is missing"
+    );
 }

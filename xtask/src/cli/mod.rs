@@ -97,13 +97,16 @@ enum Command {
     /// and `modprobe -rvd` (kmod's) for every module, with [test] parameters from
     /// module.toml. A module passes when it loads with its dependencies, shows in
     /// /proc/modules, leaves no Oops/BUG/WARNING/"Unknown symbol" in the kernel log, and
-    /// unloads. Uses KVM when /dev/kvm is usable. Console: <out>/logs/<kver>/qemu-console.log.
+    /// unloads. The kernel boots with its [[kernel]] boot-args from kernels.toml (e.g.
+    /// module.sig_enforce=1); a module refused for its signature is said to be. Uses KVM
+    /// when /dev/kvm is usable. Console: <out>/logs/<kver>/qemu-console.log.
     Test(test::TestArgs),
     /// Check staging trees and images statically (no build, no boot).
     ///
     /// Layout (<prefix>/lib/modules/<kver>/), every .ko's vermagic against the kernel,
     /// depmod's files present and modules.dep current (each module with the transitive
-    /// closure of its modinfo `depends`, all in the tree), and sh, mkdir and cp in the
+    /// closure of its modinfo `depends`, all in the tree), with [signing] every module's
+    /// signature against the certificate (host openssl), and sh, mkdir and cp in the
     /// image for KMM's worker. Exits non-zero on any problem.
     Verify(verify::VerifyArgs),
     /// Write modules/<name>/rust-project.json for a Rust module, for editors.

@@ -69,6 +69,15 @@ impl Session {
     /// Runs the plan and prints the summary, each job's details, the skips and every
     /// failure.
     pub fn run(&self, plan: &Plan, options: &Options) -> Result<Report> {
+        // Only the commands that compile need the signing key: say what is wrong with it
+        // (at its line in kernels.toml) before any job starts.
+        let compiles = plan
+            .jobs
+            .iter()
+            .any(|j| matches!(j.kind, JobKind::Compile { .. }));
+        if let (Some(signing), true) = (&self.config.signing, compiles) {
+            signing.key()?;
+        }
         let report = pipeline::run(
             plan,
             &self.engine,

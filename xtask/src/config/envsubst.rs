@@ -20,6 +20,19 @@ const CLOSING_BRACE: &str = "closing brace expected";
 const NEVER_RETURNS: &str = "envsubst would never return on this template (a `$_` inside `${...}`): \
      KMM's reconciler would hang on it";
 
+/// The kernel variables KMM defines for every substituted field.
+pub const KERNEL_VARS: [&str; 6] = [
+    "KERNEL_FULL_VERSION",
+    "KERNEL_VERSION",
+    "KERNEL_XYZ",
+    "KERNEL_X",
+    "KERNEL_Y",
+    "KERNEL_Z",
+];
+
+/// What `containerImage` gets besides: the Module's name and namespace.
+pub const MODULE_VARS: [&str; 2] = ["MOD_NAME", "MOD_NAMESPACE"];
+
 /// KMM's normalization of a kernel version: every char outside [A-Za-z0-9._-] becomes '_'.
 pub fn normalize(kver: &str) -> String {
     kver.chars()

@@ -14,8 +14,10 @@ use std::sync::LazyLock;
 pub mod diag;
 pub mod dkms;
 pub mod envsubst;
+pub mod firmware;
 pub mod kmm;
 pub mod modules;
+pub mod signing;
 pub mod template;
 
 use anyhow::Result;
@@ -42,6 +44,8 @@ pub struct Config {
     pub kmm: KmmSettings,
     /// TLS opt-ins by registry host (`host` or `host:port`).
     pub registries: BTreeMap<String, RegistryTls>,
+    /// The key and certificate every module is signed with (`[signing]`).
+    pub signing: Option<signing::Signing>,
 }
 
 /// How kmod images are named and made (`[image]`).
@@ -110,6 +114,9 @@ pub struct Kernel {
     /// Where the kernel's `version` is written, for errors found later (a missing
     /// headers package, say).
     pub at: Location,
+    /// Extra kernel command-line arguments of the node (`module.sig_enforce=1`, say),
+    /// which the load test boots the kernel with.
+    pub boot_args: Vec<String>,
 }
 
 /// A DTK-style image: one kernel's headers, its compiler, make and kmod.
@@ -191,6 +198,7 @@ struct RawFile {
     kmm: kmm::RawKmm,
     #[serde(default)]
     registries: BTreeMap<Spanned<String>, RegistryTls>,
+    signing: Option<Spanned<signing::RawSigning>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -243,6 +251,8 @@ struct RawKernel {
     version: Spanned<String>,
     toolchain: Option<Spanned<String>>,
     modules: Option<Vec<Spanned<String>>>,
+    #[serde(default)]
+    boot_args: Vec<Spanned<String>>,
 }
 
 static KVER: LazyLock<Regex> =
@@ -274,6 +284,7 @@ impl Config {
         let kmm = kmm::settings(source, &raw.kmm, &image.name, &mut diags);
         check_image_names(source, &raw, &kernels, &image, &kmm, &mut diags);
         let registries = registries(source, &raw.registries, &mut diags);
+        let signing = signing::settings(source, root, raw.signing.as_ref(), &mut diags);
         diags.into_result()?;
         let config = Config {
             path: source.path.clone(),
@@ -284,6 +295,7 @@ impl Config {
             image,
             kmm,
             registries,
+            signing,
         };
         config.check_module_selection()?;
         Ok(config)
@@ -538,7 +550,41 @@ fn kernel(
         toolchain,
         modules,
         at: source.location(&version.span()),
+        boot_args: boot_args(source, &k.get_ref().boot_args, diags),
     })
+}
+
+/// What the load test sets on the kernel's command line itself.
+const TEST_BOOT_ARGS: [&str; 4] = ["console=", "panic=", "init=", "rdinit="];
+
+/// `boot-args`: one kernel command-line argument per string, none that the load test
+/// sets itself (its serial console, its /init).
+fn boot_args(source: &Source, args: &[Spanned<String>], diags: &mut Diagnostics) -> Vec<String> {
+    let mut out = Vec::new();
+    for a in args {
+        let arg = a.get_ref();
+        let problem = if arg.is_empty() || arg.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
+            Some(format!("boot argument {} is not one word", shown(arg)))
+        } else {
+            TEST_BOOT_ARGS
+                .iter()
+                .find(|p| arg.starts_with(*p))
+                .map(|p| {
+                    format!(
+                        "boot argument {} sets {p}, which the load test sets itself",
+                        shown(arg)
+                    )
+                })
+        };
+        match problem {
+            Some(what) => diags.push(source.error(&a.span(), what).help(
+                "give one kernel command-line argument per string, e.g. boot-args = [\"module.sig_enforce=1\"]",
+            )),
+            None => out.push(arg.clone()),
+        }
+    }
+    out
 }
 
 /// `[registries."host[:port]"]`: each key must be a registry host, as an image
@@ -757,16 +803,10 @@ fn image_settings(source: &Source, raw: &RawImage, diags: &mut Diagnostics) -> I
 /// An image name template uses only the variables KMM defines for `containerImage`
 /// (KMM would make any other one empty) and resolves to a valid reference.
 pub fn check_image_template(template: &str) -> Result<(), String> {
-    let known = [
-        "KERNEL_FULL_VERSION",
-        "KERNEL_VERSION",
-        "KERNEL_XYZ",
-        "KERNEL_X",
-        "KERNEL_Y",
-        "KERNEL_Z",
-        "MOD_NAME",
-        "MOD_NAMESPACE",
-    ];
+    let known: Vec<&str> = envsubst::KERNEL_VARS
+        .into_iter()
+        .chain(envsubst::MODULE_VARS)
+        .collect();
     if let Some(unknown) = envsubst::referenced(template)
         .into_iter()
         .find(|n| !known.contains(&n.as_str()))
@@ -1036,6 +1076,28 @@ mod tests {
         );
         assert!(
             e.contains("kernels.toml:2:9: unknown variable ${KERNEL}"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn boot_args_are_one_word_each_and_not_the_load_tests_own() {
+        let k = |args: &str| {
+            format!("{TC}[[kernel]]\nversion = \"6.1.0-47-amd64\"\nboot-args = [{args}]\n")
+        };
+        let (_d, cfg) = project(&k("\"module.sig_enforce=1\", \"quiet\""), &[]);
+        assert_eq!(
+            cfg.unwrap().kernels[0].boot_args,
+            ["module.sig_enforce=1", "quiet"]
+        );
+        let e = err_of(&k("\"a b\""), &[]);
+        assert!(
+            e.contains("kernels.toml:7:14: boot argument \"a b\" is not one word"),
+            "{e}"
+        );
+        let e = err_of(&k("\"quiet\", \"console=tty0\""), &[]);
+        assert!(
+            e.contains("sets console=, which the load test sets itself"),
             "{e}"
         );
     }

@@ -13,6 +13,8 @@
 //! [kmm]
 //! module = "foo"                    # the .ko KMM loads by name (moduleName)
 //! name = "foo-driver"               # the KMM Module's name
+//! [firmware]
+//! dir = "firmware"                  # firmware files, relative to the firmware root
 //! ```
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -26,6 +28,7 @@ use toml::Spanned;
 
 use crate::config::diag::{Diagnostic, Diagnostics, Location, Source, display_path};
 use crate::config::dkms::{self, DKMS_CONF, DkmsConf};
+use crate::config::firmware;
 use crate::config::template::Vars;
 
 /// The file in a module folder that holds its metadata.
@@ -54,6 +57,10 @@ pub struct Module {
     pub packages: Vec<Package>,
     pub test: ModuleTest,
     pub kmm: ModuleKmm,
+    /// `[firmware] dir`, absolute: a folder of the module folder whose tree is relative
+    /// to the firmware root. The image holds it at
+    /// [`crate::steps::image::firmware_dir`]; [`firmware::files`] lists it.
+    pub firmware: Option<PathBuf>,
 }
 
 /// module.toml's `[kmm]`: what the folder's KMM Module says, where kmodforge's choice
@@ -157,6 +164,14 @@ struct RawModule {
     test: ModuleTest,
     #[serde(default)]
     kmm: ModuleKmm,
+    firmware: Option<RawFirmware>,
+}
+
+/// `[firmware]`: where the module's firmware files are.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawFirmware {
+    dir: Spanned<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -321,6 +336,7 @@ fn load(dir: &Path, name: &str) -> Result<Module, Diagnostics> {
     };
     let depends = depends(&raw, &source, name, &mut diags);
     let packages = packages(&raw, &source, &mut diags);
+    let firmware = firmware_dir(&raw, &source, dir, &mut diags);
     diags.into_result()?;
     let language = match (&build, &raw.language) {
         (Build::Dkms(_), _) => Language::C,
@@ -338,6 +354,7 @@ fn load(dir: &Path, name: &str) -> Result<Module, Diagnostics> {
         packages,
         test: raw.test,
         kmm: raw.kmm,
+        firmware,
     })
 }
 
@@ -378,6 +395,50 @@ fn depends(raw: &RawModule, source: &Source, name: &str, diags: &mut Diagnostics
         }
     }
     out
+}
+
+/// `[firmware] dir`: a folder inside the module folder that holds at least one file, and
+/// no link out of the module folder. KMM's init container runs `cp -R
+/// <firmwarePath>/*`, which fails on an empty folder.
+fn firmware_dir(
+    raw: &RawModule,
+    source: &Source,
+    dir: &Path,
+    diags: &mut Diagnostics,
+) -> Option<PathBuf> {
+    let d = &raw.firmware.as_ref()?.dir;
+    let rel = Path::new(d.get_ref());
+    let inside = !d.get_ref().is_empty()
+        && rel
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)));
+    let path = dir.join(rel);
+    let problem = if !inside {
+        format!(
+            "firmware dir {:?} is not a folder inside the module folder",
+            d.get_ref()
+        )
+    } else if !path.is_dir() {
+        format!(
+            "firmware dir {:?} does not exist in {} (or is not a folder)",
+            d.get_ref(),
+            display_path(dir)
+        )
+    } else {
+        match firmware::files(dir, &path) {
+            Ok(files) if files.is_empty() => format!(
+                "firmware dir {:?} holds no file: KMM's `cp -R <firmwarePath>/*` fails on an empty folder",
+                d.get_ref()
+            ),
+            Ok(_) => return Some(path),
+            Err(e) => format!("firmware dir {:?}: {e}", d.get_ref()),
+        }
+    };
+    diags.push(source.error(&d.span(), problem).help(
+        "`dir` is a folder of the module folder (e.g. \"firmware\") laid out as the module requests its files: \
+         firmware/vendor/fw.bin is request_firmware(\"vendor/fw.bin\"); links in it must stay inside the module folder",
+    ));
+    None
 }
 
 /// A module of kmodforge's own: its make command and where the `.ko` files land.
@@ -706,6 +767,68 @@ mod tests {
         );
         let e = err(&[("a", Some("language = \"go\"\n"))]);
         assert!(e.contains("unknown variant `go`"), "{e}");
+    }
+
+    #[test]
+    fn firmware_is_a_folder_of_files_inside_the_module_folder() {
+        let d = tree(&[("a", Some("[firmware]\ndir = \"fw\"\n")), ("b", None)]);
+        fs::create_dir_all(d.path().join("a/fw/a")).unwrap();
+        fs::write(d.path().join("a/fw/a/x.bin"), "x").unwrap();
+        let mods = discover(d.path()).unwrap();
+        assert_eq!(
+            mods[0].firmware.as_deref(),
+            Some(d.path().join("a/fw").as_path())
+        );
+        assert!(mods[0].firmware.as_ref().unwrap().is_absolute());
+        assert_eq!(mods[1].firmware, None);
+    }
+
+    #[test]
+    fn bad_firmware_dirs_point_at_module_toml() {
+        let fw = |dir: &str| format!("[firmware]\ndir = \"{dir}\"\n");
+        for bad in ["../b", "/lib/firmware", "", ".", "fw/../../b"] {
+            let e = err(&[("a", Some(&fw(bad))), ("b", None)]);
+            assert!(
+                e.contains("module.toml:2:7")
+                    && e.contains("is not a folder inside the module folder"),
+                "{bad}: {e}"
+            );
+        }
+        let e = err(&[("a", Some(&fw("firmware")))]);
+        assert!(
+            e.contains("module.toml:2:7: firmware dir \"firmware\" does not exist"),
+            "{e}"
+        );
+        assert!(
+            e.contains("help: `dir` is a folder of the module folder (e.g. \"firmware\") laid out"),
+            "{e}"
+        );
+
+        // Hidden files (an editor's, a .gitkeep) are not firmware.
+        let d = tree(&[("a", Some(&fw("firmware")))]);
+        fs::create_dir_all(d.path().join("a/firmware/a")).unwrap();
+        fs::write(d.path().join("a/firmware/a/.gitkeep"), "").unwrap();
+        let e = format!("{:#}", discover(d.path()).unwrap_err());
+        assert!(
+            e.contains("holds no file: KMM's `cp -R <firmwarePath>/*` fails on an empty folder"),
+            "{e}"
+        );
+
+        std::os::unix::fs::symlink("/etc/hostname", d.path().join("a/firmware/a/host.bin"))
+            .unwrap();
+        let e = format!("{:#}", discover(d.path()).unwrap_err());
+        assert!(
+            e.contains("a/firmware/a/host.bin is a symbolic link to /etc/hostname, outside its module folder"),
+            "{e}"
+        );
+
+        let e = err(&[("a", Some("[firmware]\ndir = \"fw\"\nfiles = [\"x\"]\n"))]);
+        assert!(
+            e.contains("module.toml:3:1") && e.contains("unknown field `files`"),
+            "{e}"
+        );
+        let e = err(&[("a", Some("[firmware]\n"))]);
+        assert!(e.contains("missing field `dir`"), "{e}");
     }
 
     #[test]

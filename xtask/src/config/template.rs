@@ -1,9 +1,9 @@
-//! `${NAME}` templates, KMM's kernel-version variables and KMM's tag normalization.
+//! kmodforge's own `${NAME}` templates (a module's `make` argv, a toolchain's image and
+//! kernel source directory), with the kernel's variables taken from the raw version, as
+//! paths in a toolchain have it; and the checks of an image reference.
 //!
-//! KMM expands `containerImage` with `${KERNEL_FULL_VERSION}`, `${KERNEL_XYZ}`, ... and
-//! turns every character outside `[A-Za-z0-9._-]` into `_` where the result is an image
-//! tag. kmodforge names its images the same way, so the names it pushes are the names
-//! KMM looks for.
+//! Image names are KMM's business, not this one's: [`super::envsubst`] resolves them
+//! exactly as KMM does.
 
 use std::collections::BTreeMap;
 
@@ -70,19 +70,6 @@ impl Vars {
         out.push_str(rest);
         Ok(out)
     }
-}
-
-/// KMM's tag normalization: every character outside `[A-Za-z0-9._-]` becomes `_`.
-pub fn normalize_tag(s: &str) -> String {
-    s.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
 }
 
 /// Checks a resolved image name is a reference an engine and a registry accept: a
@@ -195,18 +182,5 @@ mod tests {
         assert_eq!(registry_host("127.0.0.1:5000/kmods:x"), "127.0.0.1:5000");
         assert_eq!(registry_host("localhost/kmodforge/x:1"), "localhost");
         assert_eq!(registry_host("library/debian:12"), "docker.io");
-    }
-
-    #[test]
-    fn tags_are_normalized_like_kmm() {
-        assert_eq!(
-            normalize_tag("6.12.117+deb12-amd64"),
-            "6.12.117_deb12-amd64"
-        );
-        assert_eq!(
-            normalize_tag("5.14.0-427.el9.x86_64"),
-            "5.14.0-427.el9.x86_64"
-        );
-        assert_eq!(normalize_tag("a b/c~d"), "a_b_c_d");
     }
 }

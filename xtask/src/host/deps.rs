@@ -34,6 +34,11 @@ pub const BUILD: &[Package] = &[
         "skopeo",
         "copies images between local storage, OCI layouts and registries",
     ),
+    pkg(
+        "openssl",
+        "openssl",
+        "verify checks module signatures ([signing]); the tests' HTTPS registry",
+    ),
 ];
 
 /// What the test suite needs beyond [`BUILD`].
@@ -52,11 +57,6 @@ pub const TEST: &[Package] = &[
         "docker-registry",
         "docker-registry",
         "a real registry on loopback for push tests",
-    ),
-    pkg(
-        "openssl",
-        "openssl",
-        "a self-signed certificate for the HTTPS registry",
     ),
     pkg("git", "git", "the image's revision label"),
     pkg(

@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 
 use anyhow::Result;
 
+use crate::config::modules::Module;
 use crate::config::{Config, ImageBase};
 use crate::plan::{JobKind, Plan};
 use crate::run::fingerprint::Fingerprint;
@@ -80,12 +81,17 @@ fn own_inputs(
             let m = plan.kernels[*kernel].modules[*module];
             f.field("module", &m.name);
             f.field("tree", &module_tree(&m.dir, trees)?);
+            // The certificate, never the key: a new certificate signs anew.
+            if let Some(s) = &config.signing {
+                f.field("signing-cert", &s.cert_sha256);
+            }
         }
         JobKind::Depmod { .. } => {
             f.field("host-link", &format!("{:?}", config.image.host_link));
         }
-        JobKind::Layer { .. } => {
+        JobKind::Layer { kernel } => {
             f.field("prefix", &config.image.prefix);
+            firmware(&plan.kernels[*kernel].modules, f)?;
         }
         JobKind::ImageBase => image_base(config, f),
         JobKind::Image { .. } => {
@@ -98,13 +104,32 @@ fn own_inputs(
             let reference = crate::steps::image::reference(config, plan.kernels[*kernel].kver())?;
             f.field("tls-verify", &config.tls_verify(&reference).to_string());
         }
-        JobKind::LoadTest { .. } => {
+        JobKind::LoadTest { kernel } => {
             busybox(config, f);
+            for a in &plan.kernels[*kernel].kernel.boot_args {
+                f.field("boot-arg", a);
+            }
         }
         JobKind::Verify { .. } => {}
         JobKind::Builder { kernel } | JobKind::BuilderPush { kernel } => {
             let kver = plan.kernels[*kernel].kver();
             f.field("builder", &crate::steps::builder::reference(config, kver)?);
+        }
+    }
+    Ok(())
+}
+
+/// The firmware files of the modules that may ship them (names and bytes): what the
+/// layer copies from the module folders besides the staging tree.
+fn firmware(modules: &[&Module], f: &mut Fingerprint) -> Result<()> {
+    for m in modules {
+        let Some(dir) = &m.firmware else { continue };
+        f.field("firmware", &m.name);
+        let files = crate::config::firmware::files(&m.dir, dir)
+            .map_err(|e| anyhow::anyhow!("the firmware of module {}: {e}", m.name))?;
+        for file in files {
+            f.field("firmware-file", &file.name);
+            f.contents(&file.source)?;
         }
     }
     Ok(())
@@ -223,12 +248,86 @@ mod tests {
     }
 
     #[test]
+    fn the_signing_certificate_is_an_input_and_the_key_is_not() {
+        let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/signing");
+        let signing = |key: &str, cert: &str| {
+            format!(
+                "{TOML}[signing]\nkey = \"{fixtures}/{key}.key\"\ncert = \"{fixtures}/{cert}.crt\"\n"
+            )
+        };
+        let test = signing("test", "test");
+        assert_eq!(
+            changed_between(TOML, &test, |_| {}).len(),
+            2,
+            "signing rebuilds"
+        );
+        assert_eq!(
+            changed_between(&test, &signing("other", "other"), |_| {}).len(),
+            2
+        );
+        assert!(changed_between(&test, &signing("other", "test"), |_| {}).is_empty());
+    }
+
+    #[test]
+    fn boot_args_select_their_kernel() {
+        let after = TOML.replace(
+            "version = \"6.1.0-47-amd64\"\n",
+            "version = \"6.1.0-47-amd64\"\nboot-args = [\"module.sig_enforce=1\"]\n",
+        );
+        assert_eq!(changed_between(TOML, &after, |_| {}), ["6.1.0-47-amd64"]);
+    }
+
+    #[test]
     fn the_toolchain_recipe_selects_its_kernels() {
         let edit = |d: &std::path::Path| {
             std::fs::write(d.join("images/tc.Containerfile"), "FROM y\n").unwrap();
             std::fs::write(d.join("reload"), "").unwrap();
         };
         assert_eq!(changed_between(TOML, TOML, edit).len(), 2);
+    }
+
+    /// Each kernel's layer fingerprint from its own inputs (not its dependencies').
+    fn layer_inputs(plan: &Plan) -> Vec<String> {
+        plan.jobs
+            .iter()
+            .filter(|j| matches!(j.kind, JobKind::Layer { .. }))
+            .map(|j| {
+                let mut f = Fingerprint::new("t");
+                own_inputs(plan, &j.kind, &mut f, &mut Default::default()).unwrap();
+                f.finish()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn firmware_files_are_inputs_of_the_layers_that_ship_them() {
+        let fw = "[firmware]\ndir = \"fw\"\n";
+        let only61 = "kernels = '^6\\.1\\.'\n[firmware]\ndir = \"fw\"\n";
+        let (d, _) = crate::testing::scratch(TOML, &[("a", Some(fw)), ("b", Some(only61))]);
+        for m in ["a", "b"] {
+            std::fs::create_dir_all(d.path().join(format!("modules/{m}/fw/{m}"))).unwrap();
+            std::fs::write(d.path().join(format!("modules/{m}/fw/{m}/x.bin")), [0u8, 1]).unwrap();
+        }
+        let load = || Config::load(&d.path().join("kernels.toml")).unwrap();
+        let c = load();
+        let before = layer_inputs(&Plan::new(&c, None, Scope::image(false)).unwrap());
+        // Bytes that are not UTF-8 still count, each one.
+        std::fs::write(d.path().join("modules/b/fw/b/x.bin"), [0u8, 2]).unwrap();
+        let c = load();
+        let after = layer_inputs(&Plan::new(&c, None, Scope::image(false)).unwrap());
+        assert_ne!(after[0], before[0], "6.1's layer ships b's firmware");
+        assert_eq!(after[1], before[1], "6.12's layer does not");
+        std::fs::rename(
+            d.path().join("modules/a/fw/a/x.bin"),
+            d.path().join("modules/a/fw/a/y.bin"),
+        )
+        .unwrap();
+        let c = load();
+        let renamed = layer_inputs(&Plan::new(&c, None, Scope::image(false)).unwrap());
+        assert!(
+            renamed[0] != after[0] && renamed[1] != after[1],
+            "a file's name counts"
+        );
     }
 
     #[test]

@@ -50,10 +50,7 @@ impl Fingerprint {
         let exec = meta.permissions().mode() & 0o111 != 0;
         self.field("file", &rel);
         self.field("exec", if exec { "1" } else { "0" });
-        let bytes =
-            fs::read(&path).with_context(|| format!("cannot read {}", display_path(&path)))?;
-        self.0.update((bytes.len() as u64).to_le_bytes());
-        self.0.update(&bytes);
+        self.contents(&path)?;
         Ok(())
     }
 
@@ -70,6 +67,15 @@ impl Fingerprint {
         let bytes =
             fs::read(path).with_context(|| format!("cannot read {}", display_path(path)))?;
         self.field(name, &String::from_utf8_lossy(&bytes));
+        Ok(self)
+    }
+
+    /// Adds a file's bytes, exactly (binary files: firmware).
+    pub fn contents(&mut self, path: &Path) -> Result<&mut Self> {
+        let bytes =
+            fs::read(path).with_context(|| format!("cannot read {}", display_path(path)))?;
+        self.0.update((bytes.len() as u64).to_le_bytes());
+        self.0.update(&bytes);
         Ok(self)
     }
 

@@ -10,13 +10,14 @@ use std::sync::{Mutex, OnceLock};
 use anyhow::{Context as _, Result};
 
 use crate::config::HostLink;
-use crate::config::template::normalize_tag;
+use crate::config::envsubst::normalize as normalize_tag;
 use crate::host::engine::{Engine, EngineKind};
 use crate::plan::{JobKind, Plan};
 use crate::run::jobserver::Jobserver;
 use crate::run::layout::Layout;
 use crate::run::pipeline::Options;
 use crate::run::progress::Status;
+use crate::run::results::Results;
 use crate::steps::builder;
 use crate::steps::compile::{Compile, MakeJobs, Record};
 use crate::steps::image::{BuiltImage, LayerRecord, Provenance};
@@ -243,6 +244,7 @@ impl<'a> Context<'a> {
             kernel_has_rust: f.rust,
             deps: module.depends.iter().map(String::as_str).collect(),
             fingerprint: &self.fingerprints[i],
+            signing: self.plan.config.signing.as_ref(),
             jobs: match &self.jobserver {
                 Some(js) => MakeJobs::Server(js),
                 None => {
@@ -342,10 +344,15 @@ impl<'a> Context<'a> {
 
     fn layer(&self, i: usize, k: usize) -> Result<Status> {
         let epoch = self.provenance.as_ref().map_or(0, |p| p.epoch);
+        // The firmware of the modules the tree holds, not of those that failed or were
+        // skipped for this kernel.
+        let results = Results::with_fingerprints(self.plan, self.layout, &self.fingerprints);
+        let shipped = results.in_tree(self.plan, k, &self.layout.staging_modules(self.kver(k)));
         image::write_layer(
             self.plan.config,
             self.layout,
             self.kver(k),
+            &shipped,
             epoch,
             &self.fingerprints[i],
         )?;
@@ -456,11 +463,19 @@ impl<'a> Context<'a> {
             image: self.options.image.as_deref(),
             timeout: self.options.boot_timeout,
             log,
+            boot_args: &kp.kernel.boot_args,
         })?;
+        if !kp.kernel.boot_args.is_empty() {
+            self.note(i, format!("kernel command line: {}", report.command_line));
+        }
+        let firmware = match report.firmware.as_slice() {
+            [] => String::new(),
+            dirs => format!(", firmware from {}", dirs.join(" ")),
+        };
         self.note(
             i,
             format!(
-                "booted under QEMU with {}, {} modules ({} of the kernel's own), {} MiB, {:.1} s wall; console: {}",
+                "booted under QEMU with {}, {} modules ({} of the kernel's own){firmware}, {} MiB, {:.1} s wall; console: {}",
                 report.accel,
                 report.verdicts.len(),
                 report.in_tree_modules,

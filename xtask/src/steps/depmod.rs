@@ -114,6 +114,12 @@ pub fn is_fresh(layout: &Layout, kver: &str, fingerprint: &str) -> bool {
         .is_some_and(|rec| inventory(&dir).is_ok_and(|files| files == rec.files))
 }
 
+/// What the staging tree was made from (a partial tree says which modules it lacks): a
+/// layer written from another tree is stale even when its inputs are the same.
+pub fn tree_fingerprint(layout: &Layout, kver: &str) -> Option<String> {
+    read_json::<DepmodRecord>(&record_path(layout, kver)).map(|r| r.fingerprint)
+}
+
 /// The name of KMM's link to the node's in-tree modules, in the image's tree.
 pub const HOST_LINK: &str = "host";
 

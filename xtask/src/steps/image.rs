@@ -1,9 +1,10 @@
 //! The image step: a kernel's staging tree as one layer on a small base, written as a
 //! reproducible OCI image layout at `<out>/images/<kver>/`.
 //!
-//! Two jobs: the layer ([`write_layer`]) holds `<prefix>/lib/modules/<kver>/` and
-//! nothing else (every `.ko` and depmod's files, with their parent directories), every
-//! time set to the source date epoch; the image ([`assemble`]) puts it on the base
+//! Two jobs: the layer ([`write_layer`]) holds `<prefix>/lib/modules/<kver>/` (every
+//! `.ko` and depmod's files, with their parent directories) and the firmware of the
+//! modules it holds at [`firmware_dir`], and nothing else, every time set to the source
+//! date epoch; the image ([`assemble`]) puts it on the base
 //! ([`crate::steps::image_base`]). Labels and annotations name the source, revision,
 //! creation time, title and kernel.
 
@@ -16,8 +17,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
 use crate::config::diag::display_path;
+use crate::config::firmware;
+use crate::config::modules::Module;
 use crate::config::template::image_reference;
-use crate::formats::oci::{Entry, OciDir, descriptor, layer};
+use crate::formats::oci::{Entry, FileSystem, Node, OciDir, descriptor, layer};
 use crate::host::fs::{read_json, replace_dir, write_atomic, write_json};
 use crate::host::process::Cmd;
 use crate::run::layout::Layout;
@@ -135,8 +138,34 @@ pub fn reference(config: &Config, kver: &str) -> Result<String> {
     image_reference(&resolved).map_err(anyhow::Error::msg)
 }
 
-/// kmodforge's layer of a kernel's image: `<prefix>/lib/modules/<kver>/` and nothing
-/// else, written from the staging tree. All the load test needs; the image adds the base.
+/// Where module folder `module`'s firmware is in the image: KMM's
+/// `modprobe.firmwarePath` for it, e.g. `/opt/firmware/kmf_fw`. One folder per module,
+/// so that each Module's init container copies its own firmware, and KMM's unload (which
+/// deletes from the node every file the image's folder holds) removes only its own.
+pub fn firmware_dir(prefix: &str, module: &str) -> String {
+    format!("{}/firmware/{module}", prefix.trim_end_matches('/'))
+}
+
+/// The firmware folders of an image (KMM's `firmwarePath`s, `/`-rooted): each folder
+/// directly in `<prefix>/firmware/`, one per module folder.
+pub fn firmware_paths(image_fs: &FileSystem, prefix: &str) -> Vec<String> {
+    let root = firmware_dir(prefix, "");
+    let root = root.trim_start_matches('/');
+    image_fs
+        .range(root.to_string()..)
+        .take_while(|(p, _)| p.starts_with(root))
+        .filter(|(p, node)| {
+            matches!(node, Node::Dir)
+                && !p[root.len()..].is_empty()
+                && !p[root.len()..].contains('/')
+        })
+        .map(|(p, _)| format!("/{p}"))
+        .collect()
+}
+
+/// kmodforge's layer of a kernel's image: `<prefix>/lib/modules/<kver>/` and the firmware
+/// of its modules, written from the staging tree and the module folders. All the load
+/// test needs; the image adds the base.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct LayerRecord {
     pub fingerprint: String,
@@ -150,6 +179,12 @@ pub struct LayerRecord {
     pub modules_dir: String,
     /// How many `.ko` files it holds.
     pub modules: usize,
+    /// The module folders whose firmware it holds (at [`firmware_dir`]).
+    #[serde(default)]
+    pub firmware: Vec<String>,
+    /// The staging tree it was written from ([`crate::steps::depmod::tree_fingerprint`]).
+    #[serde(default)]
+    pub tree: String,
 }
 
 impl LayerRecord {
@@ -172,7 +207,10 @@ impl LayerRecord {
         let rec: LayerRecord = read_json(&Self::path(layout, kver))?;
         let blob = Self::blob(layout, kver);
         let intact = blob.metadata().is_ok_and(|m| m.len() == rec.size);
-        (rec.fingerprint == fingerprint && rec.epoch == epoch && intact).then_some(rec)
+        // The same inputs can have made another tree (a module failed once, then built).
+        let same_tree =
+            crate::steps::depmod::tree_fingerprint(layout, kver).is_some_and(|t| t == rec.tree);
+        (rec.fingerprint == fingerprint && rec.epoch == epoch && intact && same_tree).then_some(rec)
     }
 
     /// The last layer written for `kver`, whatever its inputs.
@@ -183,63 +221,33 @@ impl LayerRecord {
     }
 }
 
-/// Checks the staging tree as `verify` does, and writes kmodforge's layer from it. A
-/// tree `verify` would refuse (a truncated or foreign `.ko`, a stale modules.dep) gets
+/// Checks the staging tree as `verify` does, and writes kmodforge's layer from it and
+/// from the firmware of `shipped` (the module folders whose `.ko` files the tree holds).
+/// A tree `verify` would refuse (a truncated or foreign `.ko`, a stale modules.dep) gets
 /// no layer, so no image replaces the last good one.
 pub fn write_layer(
     config: &Config,
     layout: &Layout,
     kver: &str,
+    shipped: &[&Module],
     epoch: u64,
     fingerprint: &str,
 ) -> Result<LayerRecord> {
     let staging = layout.staging_modules(kver);
-    if !staging.join("modules.dep").is_file() {
-        bail!(
-            "kernel {kver} has no build output in {}\n  help: run `cargo xtask build --kernel {kver}`",
-            display_path(&staging)
-        );
-    }
-    let tree = verify::Tree::read(&staging)?;
-    // A damaged tree gets no image; what a node would refuse of one module is verify's
-    // and the load test's to say, and does not keep the others from the node.
-    let problems: Vec<String> = verify::tree(&tree, kver, &display_path(&staging), None)
-        .into_iter()
-        .filter(|c| !c.ok && c.integrity)
-        .map(|c| format!("{}: {}", c.name, c.detail))
-        .collect();
-    if !problems.is_empty() {
-        bail!(
-            "the staging tree of {kver} fails its checks, so no image is made from it (the last good image is kept):\n  {}\n  help: run `cargo xtask build-all`, which rebuilds a tree that no longer matches its record",
-            problems.join("\n  ")
-        );
-    }
+    let tree = checked_tree(&staging, kver)?;
     let modules_dir = Path::new(config.image.prefix.trim_start_matches('/'))
         .join("lib/modules")
         .join(kver)
         .to_string_lossy()
         .into_owned();
-    let mut entries = parents(&modules_dir);
-    let mut modules = 0;
-    for (rel, data) in tree.files {
-        modules += usize::from(rel.ends_with(".ko"));
-        entries.extend(
-            parents(&format!("{modules_dir}/{rel}"))
-                .into_iter()
-                .rev()
-                .skip(1),
-        );
-        entries.push(Entry::File {
-            path: format!("{modules_dir}/{rel}"),
-            mode: 0o644,
-            data,
-        });
-    }
-    for (rel, target) in tree.links {
-        entries.push(Entry::Symlink {
-            path: format!("{modules_dir}/{rel}"),
-            target,
-        });
+    let modules = tree.files.keys().filter(|p| p.ends_with(".ko")).count();
+    let mut entries = tree_entries(&modules_dir, tree);
+    let mut with_firmware = Vec::new();
+    for m in shipped {
+        if let Some(dir) = &m.firmware {
+            entries.extend(firmware_entries(&config.image.prefix, m, dir)?);
+            with_firmware.push(m.name.clone());
+        }
     }
     entries.sort_by(|a, b| a.path().cmp(b.path()));
     entries.dedup_by(|a, b| a.path() == b.path());
@@ -252,10 +260,92 @@ pub fn write_layer(
         diff_id: layer.diff_id,
         modules_dir,
         modules,
+        firmware: with_firmware,
+        tree: crate::steps::depmod::tree_fingerprint(layout, kver).unwrap_or_default(),
     };
     write_atomic(&LayerRecord::blob(layout, kver), &layer.gzip)?;
     write_json(&LayerRecord::path(layout, kver), &record)?;
     Ok(record)
+}
+
+/// The staging tree, when it passes `verify`'s integrity checks.
+fn checked_tree(staging: &Path, kver: &str) -> Result<verify::Tree> {
+    if !staging.join("modules.dep").is_file() {
+        bail!(
+            "kernel {kver} has no build output in {}\n  help: run `cargo xtask build --kernel {kver}`",
+            display_path(staging)
+        );
+    }
+    let tree = verify::Tree::read(staging)?;
+    // A damaged tree gets no image; what a node would refuse of one module is verify's
+    // and the load test's to say, and does not keep the others from the node.
+    let problems: Vec<String> = verify::tree(&tree, kver, &display_path(staging), None)
+        .into_iter()
+        .filter(|c| !c.ok && c.integrity)
+        .map(|c| format!("{}: {}", c.name, c.detail))
+        .collect();
+    if !problems.is_empty() {
+        bail!(
+            "the staging tree of {kver} fails its checks, so no image is made from it (the last good image is kept):\n  {}\n  help: run `cargo xtask build-all`, which rebuilds a tree that no longer matches its record",
+            problems.join("\n  ")
+        );
+    }
+    Ok(tree)
+}
+
+/// The tree's files and links under `modules_dir`, with their parent directories.
+fn tree_entries(modules_dir: &str, tree: verify::Tree) -> Vec<Entry> {
+    let mut entries = parents(modules_dir);
+    for (rel, data) in tree.files {
+        add_file(&mut entries, format!("{modules_dir}/{rel}"), data);
+    }
+    for (rel, target) in tree.links {
+        entries.push(Entry::Symlink {
+            path: format!("{modules_dir}/{rel}"),
+            target,
+        });
+    }
+    entries
+}
+
+/// Module `m`'s firmware files (from its folder `dir`) under [`firmware_dir`], as plain
+/// files (links followed: KMM's copy and the node need no link to resolve).
+fn firmware_entries(prefix: &str, m: &Module, dir: &Path) -> Result<Vec<Entry>> {
+    let root = firmware_dir(prefix, &m.name)
+        .trim_start_matches('/')
+        .to_string();
+    let files = firmware::files(&m.dir, dir).map_err(|e| {
+        anyhow::anyhow!(
+            "the firmware of module {}: {e}\n  help: fix [firmware] dir in {}",
+            m.name,
+            display_path(&m.metadata_file())
+        )
+    })?;
+    if files.is_empty() {
+        bail!(
+            "the firmware folder {} of module {} is empty: KMM's `cp -R <firmwarePath>/*` would fail on it",
+            display_path(dir),
+            m.name
+        );
+    }
+    let mut entries = parents(&root);
+    for f in files {
+        let data = crate::host::fs::read(&f.source)?;
+        add_file(&mut entries, format!("{root}/{}", f.name), data);
+    }
+    entries.sort_by(|a, b| a.path().cmp(b.path()));
+    entries.dedup_by(|a, b| a.path() == b.path());
+    Ok(entries)
+}
+
+/// A file entry (mode 0644) and a directory entry for each of its parents.
+fn add_file(entries: &mut Vec<Entry>, path: String, data: Vec<u8>) {
+    entries.extend(parents(&path).into_iter().rev().skip(1));
+    entries.push(Entry::File {
+        path,
+        mode: 0o644,
+        data,
+    });
 }
 
 /// A directory entry for `dir` and each of its parents.
@@ -367,6 +457,27 @@ fn annotations(
     a
 }
 
+/// What the layer holds, for the image's history.
+fn history_line(layer: &LayerRecord) -> String {
+    let mut line = format!(
+        "kmodforge: {} .ko files and depmod output in /{}",
+        layer.modules, layer.modules_dir
+    );
+    if !layer.firmware.is_empty() {
+        let prefix = layer
+            .modules_dir
+            .rsplit_once("/lib/modules/")
+            .map_or("", |(p, _)| p);
+        let dirs: Vec<String> = layer
+            .firmware
+            .iter()
+            .map(|m| firmware_dir(&format!("/{prefix}"), m))
+            .collect();
+        line.push_str(&format!("; firmware in {}", dirs.join(", ")));
+    }
+    line
+}
+
 /// The base's configuration with kmodforge's layer, its history entry and the labels.
 fn image_config(
     mut config: ImageConfiguration,
@@ -384,10 +495,7 @@ fn image_config(
     history.push(
         HistoryBuilder::default()
             .created(created)
-            .created_by(format!(
-                "kmodforge: {} .ko files and depmod output in /{}",
-                layer.modules, layer.modules_dir
-            ))
+            .created_by(history_line(layer))
             .build()?,
     );
     config.set_history(Some(history));
@@ -402,6 +510,7 @@ fn image_config(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     #[test]
     fn source_date_epoch_is_parsed_strictly() {
@@ -423,6 +532,55 @@ mod tests {
             let e = parse_epoch(bad).unwrap_err().to_string();
             assert!(e.contains("is not a time"), "{bad:?}: {e}");
         }
+    }
+
+    #[test]
+    fn firmware_goes_to_a_folder_per_module_under_the_prefix() {
+        assert_eq!(firmware_dir("/opt", "kmf_fw"), "/opt/firmware/kmf_fw");
+        assert_eq!(firmware_dir("/var/opt/", "x"), "/var/opt/firmware/x");
+    }
+
+    #[test]
+    fn firmware_entries_are_plain_files_with_fixed_metadata() {
+        let d = tempfile::tempdir().unwrap();
+        let m = d.path().join("kmf_fw");
+        fs::create_dir_all(m.join("firmware/kmf_fw")).unwrap();
+        fs::write(m.join("Kbuild"), "obj-m := kmf_fw.o\n").unwrap();
+        fs::write(m.join("module.toml"), "[firmware]\ndir = \"firmware\"\n").unwrap();
+        fs::write(m.join("firmware/kmf_fw/hello.bin"), b"\x00fw\xff").unwrap();
+        std::os::unix::fs::symlink("hello.bin", m.join("firmware/kmf_fw/alias.bin")).unwrap();
+        let modules = crate::config::modules::discover(d.path()).unwrap();
+        let dir = modules[0].firmware.as_ref().unwrap();
+        let entries = firmware_entries("/opt", &modules[0], dir).unwrap();
+        let layer = layer(entries, 1_700_000_000).unwrap();
+        let listed = crate::formats::oci::list_layer(&layer.gzip).unwrap();
+        let rows: Vec<(&str, u32, u64)> = listed
+            .iter()
+            .map(|(p, _, mode, time)| (p.as_str(), *mode, *time))
+            .collect();
+        let t = 1_700_000_000;
+        assert_eq!(
+            rows,
+            [
+                ("opt/", 0o755, t),
+                ("opt/firmware/", 0o755, t),
+                ("opt/firmware/kmf_fw/", 0o755, t),
+                ("opt/firmware/kmf_fw/kmf_fw/", 0o755, t),
+                ("opt/firmware/kmf_fw/kmf_fw/alias.bin", 0o644, t),
+                ("opt/firmware/kmf_fw/kmf_fw/hello.bin", 0o644, t),
+            ]
+        );
+        assert!(
+            listed
+                .iter()
+                .all(|(_, kind, ..)| kind.is_dir() || kind.is_file())
+        );
+        let fs = crate::formats::oci::layer_filesystem(&layer.gzip, |_| true).unwrap();
+        assert_eq!(firmware_paths(&fs, "/opt"), ["/opt/firmware/kmf_fw"]);
+        assert!(matches!(
+            &fs["opt/firmware/kmf_fw/kmf_fw/alias.bin"],
+            Node::File { data: Some(d), .. } if d == b"\x00fw\xff"
+        ));
     }
 
     #[test]

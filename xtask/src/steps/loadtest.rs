@@ -6,8 +6,13 @@
 //! `/init` replays KMM: `mkdir -p /tmp<prefix>/lib/modules; cp -R
 //! <prefix>/lib/modules/<kver> /tmp<prefix>/lib/modules`, then for every module
 //! `modprobe -vd /tmp<prefix> <module> <parameters>` and `modprobe -rvd ...`, printing
-//! markers, `/proc/modules` and the kernel log after each step. The console is parsed
-//! into one verdict per module.
+//! markers, `/proc/modules` and the kernel log after each step. A module folder's
+//! firmware (`<prefix>/firmware/<module>`, its KMM `firmwarePath`) is copied as KMM's
+//! init container and worker copy it, into the guest's `/lib/firmware` (upstream KMM's
+//! `firmwareHostPath`), before any modprobe. The console is parsed into one verdict per
+//! module. The kernel boots with the node's own command-line arguments from
+//! kernels.toml (`boot-args`: `module.sig_enforce=1`, say), and a module it refuses for
+//! its signature is said to be refused for that reason.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -44,6 +49,8 @@ pub struct Subject {
     pub built_for: Option<String>,
     /// module.toml says its init fails without its device.
     pub needs_hardware: bool,
+    /// The module folder it was built from, when known (its firmware is that folder's).
+    pub folder: Option<String>,
 }
 
 /// How one module fared.
@@ -86,6 +93,8 @@ pub struct Request<'a> {
     pub image: Option<&'a Path>,
     pub timeout: Duration,
     pub log: &'a Path,
+    /// The node's kernel command-line arguments (`[[kernel]] boot-args`).
+    pub boot_args: &'a [String],
 }
 
 /// How a kernel's load test went: the boot and a verdict per module.
@@ -99,7 +108,13 @@ pub struct Report {
     /// How many of the kernel's own modules the guest got, for the tree's dependencies.
     #[serde(default)]
     pub in_tree_modules: usize,
+    /// The kernel command line the guest booted with.
+    #[serde(default)]
+    pub command_line: String,
     pub console: PathBuf,
+    /// The firmware folders (KMM's `firmwarePath`s) the guest copied, as the image has them.
+    #[serde(default)]
+    pub firmware: Vec<String>,
     pub verdicts: Vec<Verdict>,
 }
 
@@ -148,9 +163,14 @@ pub fn run(r: &Request) -> Result<Report> {
     }
     let busybox = crate::steps::image_base::busybox_binary(r.config, r.layout, r.log)?;
     let in_tree = InTree::for_kernel(r.kernel, &image_fs, &modules_dir);
-    let guest_files = Guest::files(
-        busybox, &image_fs, prefix, r.kver, &subjects, r.kernel, &in_tree,
-    )?;
+    let replay = Replay {
+        kver: r.kver,
+        prefix,
+        subjects: &subjects,
+        in_tree: &in_tree,
+        firmware: crate::steps::image::firmware_paths(&image_fs, prefix),
+    };
+    let guest_files = Guest::files(busybox, &image_fs, &replay, r.kernel)?;
     let initrd = r.layout.kernel_state(r.kver).join("initrd.gz");
     write_atomic(&initrd, &guest_files.finish()?)?;
     let guest = Guest {
@@ -158,6 +178,7 @@ pub fn run(r: &Request) -> Result<Report> {
         initrd,
         memory_mb: memory_mb(guest_files.bytes()),
         share: matches!(in_tree, InTree::Mounted { .. }).then(|| r.kernel.modules()),
+        command_line: command_line(r.boot_args),
     };
     let console_log = r.layout.log(r.kver, "qemu-console");
     let (console, wall, accel) = boot(&guest, &console_log, r.timeout)
@@ -171,18 +192,29 @@ pub fn run(r: &Request) -> Result<Report> {
             InTree::Mounted { .. } => r.kernel.modules_dep().len(),
             InTree::Copied(files) => files.len(),
         },
+        command_line: guest.command_line.clone(),
         console: console_log,
         verdicts: judge(&console, r.kver, &subjects, modules_dep),
+        firmware: replay.firmware,
     };
     write_json(&Report::path(r.layout, r.kver), &report)?;
     Ok(report)
 }
 
-/// What module.toml says of each `.ko` for the test, by module name: its parameters
-/// and whether it needs hardware. A folder's `[test] parameters` go to the module its
-/// KMM Module loads by name, as the manifests deploy them; `needs-hardware` to every
-/// `.ko` it covers.
-fn hints(config: &Config, layout: &Layout, kver: &str) -> BTreeMap<String, (Vec<String>, bool)> {
+/// What module.toml says of a `.ko` for the test.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Hint {
+    pub parameters: Vec<String>,
+    pub needs_hardware: bool,
+    /// The module folder that builds it.
+    pub folder: Option<String>,
+}
+
+/// What module.toml says of each `.ko` for the test, by module name: its parameters,
+/// whether it needs hardware and its folder. A folder's `[test] parameters` go to the
+/// module its KMM Module loads by name, as the manifests deploy them; `needs-hardware`
+/// to every `.ko` it covers.
+fn hints(config: &Config, layout: &Layout, kver: &str) -> BTreeMap<String, Hint> {
     let mut out = BTreeMap::new();
     for m in &config.modules {
         let kos = Record::load(layout, kver, &m.name)
@@ -191,13 +223,17 @@ fn hints(config: &Config, layout: &Layout, kver: &str) -> BTreeMap<String, (Vec<
             .unwrap_or_else(|| vec![format!("{}.ko", m.name)]);
         for ko in kos {
             let name = ko.trim_end_matches(".ko").replace('-', "_");
-            let hw = m.test.needs_hardware.covers(&name);
-            out.insert(name, (Vec::new(), hw));
+            let hint = Hint {
+                parameters: Vec::new(),
+                needs_hardware: m.test.needs_hardware.covers(&name),
+                folder: Some(m.name.clone()),
+            };
+            out.insert(name, hint);
         }
         if let Some(spec) = crate::handoff::kmm::load_spec(config, layout, kver, m)
             && let Some(entry) = out.get_mut(&spec.module_name)
         {
-            entry.0 = spec.parameters;
+            entry.parameters = spec.parameters;
         }
     }
     out
@@ -273,7 +309,7 @@ fn host_kmod() -> Result<Vec<(String, Vec<u8>)>> {
 pub fn subjects(
     image_fs: &FileSystem,
     modules_dir: &str,
-    hints: &BTreeMap<String, (Vec<String>, bool)>,
+    hints: &BTreeMap<String, Hint>,
 ) -> Result<Vec<Subject>> {
     let mut out = Vec::new();
     for (path, node) in image_fs.range(format!("{modules_dir}/")..) {
@@ -291,10 +327,11 @@ pub fn subjects(
         };
         let name = file.rsplit('/').next().unwrap_or(file).replace('-', "_");
         let info = ModInfo::from_elf(data).with_context(|| format!("/{path} in the image"))?;
-        let (parameters, needs_hardware) = hints.get(&name).cloned().unwrap_or_default();
+        let hint = hints.get(&name).cloned().unwrap_or_default();
         out.push(Subject {
-            parameters,
-            needs_hardware,
+            parameters: hint.parameters,
+            needs_hardware: hint.needs_hardware,
+            folder: hint.folder,
             depends: info
                 .depends()
                 .into_iter()
@@ -309,27 +346,28 @@ pub fn subjects(
 
 const MARK: &str = "@@kmodforge";
 
+/// What the guest's `/init` replays.
+pub struct Replay<'a> {
+    pub kver: &'a str,
+    pub prefix: &'a str,
+    pub subjects: &'a [Subject],
+    pub in_tree: &'a InTree,
+    /// The image's firmware folders (KMM's `firmwarePath`s).
+    pub firmware: Vec<String>,
+}
+
+/// Where the guest's firmware loader looks, as KMM's worker sets it: upstream KMM's
+/// default `worker.firmwareHostPath`.
+pub const FIRMWARE_HOST_PATH: &str = "/lib/firmware";
+
 /// The `/init` that replays KMM's worker for every subject: the init container's copy
-/// (its error kept), the host link checked, then modprobe for each module.
-pub fn init_script(kver: &str, prefix: &str, subjects: &[Subject], in_tree: &InTree) -> String {
+/// (its error kept), the host link checked, the firmware put where the kernel's loader
+/// finds it, then modprobe for each module.
+pub fn init_script(r: &Replay) -> String {
+    let (kver, prefix) = (r.kver, r.prefix);
     let tmp = format!("/tmp{prefix}");
     let tree = format!("{tmp}/lib/modules/{kver}");
     let link = crate::steps::depmod::HOST_LINK;
-    // The node's own /lib/modules/<kver>, as its kernel and KMM's worker see it.
-    let mount = match in_tree {
-        InTree::Mounted { boot } => {
-            let mut m = String::new();
-            for b in boot {
-                m.push_str(&format!("/sbin/insmod /lib/modules/{kver}/{b}\n"));
-            }
-            m.push_str(&format!(
-                "mount -t 9p -o trans=virtio,version=9p2000.L,ro {SHARE_TAG} /lib/modules/{kver} 2>/9p.err\n\
-                 say kernel-modules $? \"$(head -n1 /9p.err)\"\n"
-            ));
-            m
-        }
-        InTree::Copied(_) => String::new(),
-    };
     let mut s = format!(
         "#!/bin/busybox sh\n\
          /bin/busybox --install -s /bin\n\
@@ -344,9 +382,12 @@ pub fn init_script(kver: &str, prefix: &str, subjects: &[Subject], in_tree: &InT
          mkdir -p {tmp}/lib/modules; cp -R {prefix}/lib/modules/{kver} {tmp}/lib/modules 2>/cp.err\n\
          say copied $?\n\
          [ -s /cp.err ] && say copy-error \"$(head -n1 /cp.err)\"\n\
-         if [ -L {tree}/{link} ] && ! [ -d {tree}/{link}/ ]; then say link-broken \"$(readlink {tree}/{link})\"; fi\n"
+         if [ -L {tree}/{link} ] && ! [ -d {tree}/{link}/ ]; then say link-broken \"$(readlink {tree}/{link})\"; fi\n\
+         {firmware}",
+        mount = mount_script(kver, r.in_tree),
+        firmware = firmware_script(&r.firmware),
     );
-    for m in subjects {
+    for m in r.subjects {
         let params: Vec<String> = m.parameters.iter().map(|p| quote(p)).collect();
         s.push_str(&format!(
             "say load {name}\n/sbin/modprobe -vd {tmp} {name} {params} 2>&1; say rc $?\nstate\n\
@@ -359,6 +400,55 @@ pub fn init_script(kver: &str, prefix: &str, subjects: &[Subject], in_tree: &InT
     s
 }
 
+/// The node's own /lib/modules/<kver>, as its kernel and KMM's worker see it.
+fn mount_script(kver: &str, in_tree: &InTree) -> String {
+    let InTree::Mounted { boot } = in_tree else {
+        return String::new();
+    };
+    let mut m = String::new();
+    for b in boot {
+        m.push_str(&format!("/sbin/insmod /lib/modules/{kver}/{b}\n"));
+    }
+    m.push_str(&format!(
+        "mount -t 9p -o trans=virtio,version=9p2000.L,ro {SHARE_TAG} /lib/modules/{kver} 2>/9p.err\n\
+         say kernel-modules $? \"$(head -n1 /9p.err)\"\n"
+    ));
+    m
+}
+
+/// KMM's firmware steps, in KMM's order: the init container's `mkdir -p /tmp<fw>; cp -R
+/// <fw>/* /tmp<fw>` for each firmware folder, then the worker's: the loader's path pointed
+/// at the host directory (when the kernel has the parameter) and each copy merged into
+/// it. Each step's status and first error line are kept for the verdict.
+fn firmware_script(firmware: &[String]) -> String {
+    if firmware.is_empty() {
+        return String::new();
+    }
+    let host = FIRMWARE_HOST_PATH;
+    let param = "/sys/module/firmware_class/parameters/path";
+    let mut s = String::from("# KMM's image-loader init container: the firmwarePath copy\n");
+    for fw in firmware {
+        let (from, tmp) = (quote(fw), quote(&format!("/tmp{fw}")));
+        s.push_str(&format!(
+            "mkdir -p {tmp}; cp -R {from}/* {tmp} 2>/fw.err\n\
+             say firmware-copied {from} $? \"$(head -n1 /fw.err)\"\n"
+        ));
+    }
+    s.push_str(&format!(
+        "# KMM's worker: the firmware loader's path, the copy into the host's directory\n\
+         if [ -e {param} ]; then printf %s {host} > {param} 2>/fw.err; say firmware-path $? \"$(head -n1 /fw.err)\"; fi\n\
+         mkdir -p {host}\n"
+    ));
+    for fw in firmware {
+        let (from, tmp) = (quote(fw), quote(&format!("/tmp{fw}")));
+        s.push_str(&format!(
+            "cp -R {tmp}/. {host}/ 2>/fw.err\n\
+             say firmware-installed {from} $? \"$(head -n1 /fw.err)\"\n"
+        ));
+    }
+    s
+}
+
 /// A QEMU guest: a kernel, an initramfs, and memory for what it holds.
 pub struct Guest {
     pub vmlinuz: PathBuf,
@@ -366,6 +456,16 @@ pub struct Guest {
     pub memory_mb: u64,
     /// The kernel's own modules, shared read-only with the guest (9p).
     pub share: Option<PathBuf>,
+    /// The kernel command line: the test's serial console, then the node's arguments.
+    pub command_line: String,
+}
+
+/// The guest's kernel command line: a serial console, a panic that ends QEMU at once,
+/// every kernel message, then the node's own arguments (`boot-args`).
+pub fn command_line(boot_args: &[String]) -> String {
+    let mut words = vec!["console=ttyS0", "panic=-1", "loglevel=7"];
+    words.extend(boot_args.iter().map(String::as_str));
+    words.join(" ")
 }
 
 /// How the guest gets the kernel's own modules at `/lib/modules/<kver>`, where a node has
@@ -408,12 +508,10 @@ impl Guest {
     pub fn files(
         busybox: Vec<u8>,
         image_fs: &FileSystem,
-        prefix: &str,
-        kver: &str,
-        subjects: &[Subject],
+        replay: &Replay,
         kernel: &KernelFiles,
-        in_tree: &InTree,
     ) -> Result<Initramfs> {
+        let (prefix, kver, in_tree) = (replay.prefix, replay.kver, replay.in_tree);
         let mut i = Initramfs::default();
         i.file("bin/busybox", 0o755, busybox);
         for (path, data) in host_kmod()? {
@@ -454,11 +552,7 @@ impl Guest {
             })?;
             i.file(&format!("lib/modules/{kver}/{rel}"), 0o644, data);
         }
-        i.file(
-            "init",
-            0o755,
-            init_script(kver, prefix, subjects, in_tree).into_bytes(),
-        );
+        i.file("init", 0o755, init_script(replay).into_bytes());
         Ok(i)
     }
 }
@@ -580,7 +674,8 @@ pub fn boot(
                     ),
                 ]
             }))
-            .args(["-append", "console=ttyS0 panic=-1 loglevel=7"])
+            .arg("-append")
+            .arg(&guest.command_line)
             .run_logged(console_log, Some(limit));
         let wall = started.elapsed();
         let console =
@@ -631,6 +726,11 @@ struct Console {
     link_broken: Option<String>,
     /// Why the guest could not mount the kernel's own modules (a fault of the test).
     no_kernel_modules: Option<String>,
+    /// Each firmware folder's module folder, with why KMM's copies of it failed, if they
+    /// did.
+    firmware: BTreeMap<String, Option<String>>,
+    /// Why the firmware loader's path could not be set, if it could not.
+    firmware_path_failed: Option<String>,
 }
 
 fn parse_console(console: &str) -> Console {
@@ -639,6 +739,8 @@ fn parse_console(console: &str) -> Console {
     let (mut in_dmesg, mut ended) = (false, false);
     let (mut copy_failed, mut link_broken): (Option<String>, Option<String>) = (None, None);
     let mut no_kernel_modules: Option<String> = None;
+    let mut firmware: BTreeMap<String, Option<String>> = BTreeMap::new();
+    let mut firmware_path_failed = None;
     for raw in console.lines() {
         let line = raw.trim_end_matches('\r');
         let Some(rest) = line.split_once(MARK).map(|(_, r)| r.trim()) else {
@@ -674,6 +776,16 @@ fn parse_console(console: &str) -> Console {
                 })
             }
             ("link-broken", _) => link_broken = Some(arg.trim().to_string()),
+            ("firmware-copied" | "firmware-installed", _) => {
+                let (folder, failed) = firmware_step(word, arg);
+                let entry = firmware.entry(folder).or_default();
+                if entry.is_none() {
+                    *entry = failed;
+                }
+            }
+            ("firmware-path", _) if !succeeded(arg) => {
+                firmware_path_failed = Some(status_and_error(arg.trim()));
+            }
             ("kernel-modules", _) if !arg.trim().starts_with('0') => {
                 let why = arg
                     .trim()
@@ -691,6 +803,43 @@ fn parse_console(console: &str) -> Console {
         copy_failed,
         link_broken,
         no_kernel_modules,
+        firmware,
+        firmware_path_failed,
+    }
+}
+
+/// A firmware step's marker (`<firmwarePath> <status> <first error line>`): the module
+/// folder it belongs to and, when it failed, what failed.
+fn firmware_step(word: &str, arg: &str) -> (String, Option<String>) {
+    let (path, rest) = arg.trim().split_once(' ').unwrap_or((arg.trim(), "0"));
+    let path = path.trim_matches('\'');
+    let folder = path.rsplit('/').next().unwrap_or(path).to_string();
+    if succeeded(rest) {
+        return (folder, None);
+    }
+    let step = match word {
+        "firmware-copied" => {
+            format!("KMM's copy of the image's firmware {path} (cp -R {path}/* /tmp{path})")
+        }
+        _ => format!("the copy of /tmp{path} into the host's {FIRMWARE_HOST_PATH}"),
+    };
+    (
+        folder,
+        Some(format!("{step} failed: {}", status_and_error(rest.trim()))),
+    )
+}
+
+/// Whether a marker's `<status> [<error line>]` is a zero status.
+fn succeeded(arg: &str) -> bool {
+    arg.split_whitespace().next() == Some("0")
+}
+
+/// `<status> <error line>` as "cp exited with status N: <error line>".
+fn status_and_error(arg: &str) -> String {
+    let (rc, err) = arg.split_once(' ').unwrap_or((arg, ""));
+    match err.trim() {
+        "" => format!("exit status {rc}"),
+        e => format!("exit status {rc}: {e}"),
     }
 }
 
@@ -712,6 +861,7 @@ pub fn judge(
             if let Some(copy) = &console.copy_failed {
                 reasons.push(format!("KMM's copy of the image's tree failed: {copy}"));
             }
+            reasons.extend(firmware_reason(s, &console, subjects));
             let loaded = judge_load(
                 s,
                 load,
@@ -749,6 +899,28 @@ pub fn judge(
             }
         })
         .collect()
+}
+
+/// Why KMM's firmware steps failed for subject `s`: its folder's copies, or setting
+/// the loader's path when its folder has firmware. A failed copy of a folder no subject
+/// comes from (an image built elsewhere) is everyone's: it is never dropped.
+fn firmware_reason(s: &Subject, console: &Console, subjects: &[Subject]) -> Option<String> {
+    let folder_of = |s: &Subject| s.folder.clone().unwrap_or_else(|| s.name.clone());
+    let mine = folder_of(s);
+    if let (Some(why), true) = (
+        &console.firmware_path_failed,
+        console.firmware.contains_key(&mine),
+    ) {
+        return Some(format!(
+            "KMM's worker could not point the firmware loader at {FIRMWARE_HOST_PATH}: {why}"
+        ));
+    }
+    console
+        .firmware
+        .iter()
+        .filter_map(|(folder, failed)| failed.as_ref().map(|f| (folder, f)))
+        .find(|(folder, _)| **folder == mine || !subjects.iter().any(|o| folder_of(o) == **folder))
+        .map(|(_, f)| f.clone())
 }
 
 /// The kernel log lines of a step that show a problem, without time stamps.
@@ -815,12 +987,21 @@ fn refusal(s: &Subject, st: &Step, kver: &str, modules_dep_present: bool) -> Str
         .find(|l| l.contains("modprobe:"))
         .cloned()
         .unwrap_or_else(|| "modprobe failed".into());
-    let kernel = problems(Some(st)).into_iter().next().or_else(|| {
-        st.dmesg
-            .iter()
-            .find(|l| l.contains(&s.name) && !l.contains("taints kernel"))
-            .map(|l| strip_time(l))
-    });
+    let firmware_line = st
+        .dmesg
+        .iter()
+        .find(|l| l.contains("Direct firmware load for"))
+        .map(|l| strip_time(l));
+    let kernel = problems(Some(st)).into_iter().next();
+    let kernel = kernel
+        .or_else(|| signature_refusal(st, &said))
+        .or(firmware_line)
+        .or_else(|| {
+            st.dmesg
+                .iter()
+                .find(|l| l.contains(&s.name) && !l.contains("taints kernel"))
+                .map(|l| strip_time(l))
+        });
     let mut r = match kernel {
         Some(k) => format!("{said}; kernel: {k}"),
         None => said,
@@ -828,12 +1009,59 @@ fn refusal(s: &Subject, st: &Step, kver: &str, modules_dep_present: bool) -> Str
     if !modules_dep_present {
         r.push_str(" (the image has no modules.dep: depmod was not run when it was built)");
     }
+    if let Some(name) = missing_firmware(st) {
+        r.push_str(&format!(
+            " (firmware {name} is not in {FIRMWARE_HOST_PATH}, where KMM's worker copies the image's firmwarePath: \
+             is it in the module's [firmware] dir, as {name}?)"
+        ));
+    }
     if let Some(other) = s.built_for.as_deref().filter(|b| *b != kver) {
         r.push_str(&format!(
             " (vermagic: the module was built for kernel {other}, not {kver})"
         ));
     }
     r
+}
+
+/// The kernel's words when it refused a module for its signature, and what they mean:
+/// it enforces signatures (`module.sig_enforce=1`, Secure Boot's lockdown, or
+/// `CONFIG_MODULE_SIG_FORCE`) and the module is unsigned, or signed by a key it does
+/// not trust, or its signature does not hold.
+fn signature_refusal(st: &Step, said: &str) -> Option<String> {
+    let line = st.dmesg.iter().find(|l| SIGNATURE_REFUSAL.is_match(l));
+    let why = match line.and_then(|l| SIGNATURE_REFUSAL.captures(l)) {
+        Some(c) => match &c[1] {
+            "unsigned module" => {
+                "the kernel enforces module signatures and the module is not signed: set [signing] in kernels.toml"
+            }
+            "module with unavailable key" => {
+                "the kernel enforces module signatures and the module is signed by a key it does not trust: sign with a key whose certificate the kernel (or the node's MOK list) holds"
+            }
+            _ => {
+                "the kernel enforces module signatures and cannot check this signature's algorithm"
+            }
+        },
+        None if said.contains("Key was rejected by service") => {
+            return Some("the kernel rejected the module's signature: it does not hold (the module changed after signing) or the kernel does not trust its key".into());
+        }
+        None => return None,
+    };
+    Some(format!("{} ({why})", strip_time(line?)))
+}
+
+/// The kernel's notice when it refuses a module for its signature
+/// (`kernel/module/signing.c`).
+static SIGNATURE_REFUSAL: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"Loading of (.+) is rejected").unwrap());
+
+/// The firmware file a step's kernel log says the loader did not find
+/// ("Direct firmware load for <name> failed with error -2").
+fn missing_firmware(st: &Step) -> Option<String> {
+    st.dmesg.iter().find_map(|l| {
+        let rest = l.split_once("Direct firmware load for ")?.1;
+        let (name, err) = rest.split_once(" failed with error ")?;
+        (err.trim() == "-2").then(|| name.to_string())
+    })
 }
 
 fn judge_unload(
@@ -883,22 +1111,24 @@ mod tests {
             depends: depends.iter().map(|d| d.to_string()).collect(),
             built_for: Some("6.1.0-47-amd64".into()),
             needs_hardware: false,
+            folder: Some(name.into()),
         }
     }
 
     #[test]
     fn the_init_script_replays_kmm() {
-        let s = init_script(
-            "6.1.0-47-amd64",
-            "/opt",
-            &[Subject {
+        let s = init_script(&Replay {
+            kver: "6.1.0-47-amd64",
+            prefix: "/opt",
+            subjects: &[Subject {
                 parameters: vec!["greeting=hi there".into()],
                 ..subject("kmf_param", &[])
             }],
-            &InTree::Mounted {
+            in_tree: &InTree::Mounted {
                 boot: vec!["kernel/fs/9p/9p.ko".into()],
             },
-        );
+            firmware: vec![],
+        });
         // The node's own modules, mounted where a node has them, before KMM's replay.
         let mount = s.find("mount -t 9p -o trans=virtio,version=9p2000.L,ro kmfmodules /lib/modules/6.1.0-47-amd64").unwrap();
         assert!(
@@ -918,6 +1148,101 @@ mod tests {
             "{s}"
         );
         assert!(s.trim_end().ends_with("reboot -f"));
+        assert!(
+            !s.contains("firmware"),
+            "no firmware, no firmware steps:\n{s}"
+        );
+    }
+
+    #[test]
+    fn the_init_script_copies_firmware_as_kmm_does_before_any_modprobe() {
+        let s = init_script(&Replay {
+            kver: "6.1.0-47-amd64",
+            prefix: "/opt",
+            subjects: &[subject("kmf_fw", &[])],
+            in_tree: &InTree::Copied(vec![]),
+            firmware: vec!["/opt/firmware/kmf_fw".into()],
+        });
+        let at = |needle: &str| {
+            s.find(needle)
+                .unwrap_or_else(|| panic!("{needle:?} in:\n{s}"))
+        };
+        // KMM's order: the init container's copies (the modules', then the firmware's,
+        // exactly as KMM writes them), then the worker's: the loader's path set (where the
+        // kernel has it) and the copy to the host's firmware directory; then modprobe.
+        let modules = at("cp -R /opt/lib/modules/6.1.0-47-amd64 /tmp/opt/lib/modules");
+        let copy = at(
+            "mkdir -p /tmp/opt/firmware/kmf_fw; cp -R /opt/firmware/kmf_fw/* /tmp/opt/firmware/kmf_fw 2>/fw.err\n",
+        );
+        let path = at(
+            "if [ -e /sys/module/firmware_class/parameters/path ]; then printf %s /lib/firmware > /sys/module/firmware_class/parameters/path",
+        );
+        let install = at("cp -R /tmp/opt/firmware/kmf_fw/. /lib/firmware/ 2>/fw.err\n");
+        let modprobe = at("/sbin/modprobe -vd /tmp/opt kmf_fw");
+        assert!(
+            modules < copy && copy < path && path < install && install < modprobe,
+            "{s}"
+        );
+        assert!(
+            s.contains("say firmware-copied /opt/firmware/kmf_fw $?"),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn a_failed_firmware_copy_is_the_reason_of_its_modules_only() {
+        let console = "@@kmodforge copied 0\n@@kmodforge firmware-path 0 \n\
+                       @@kmodforge firmware-copied /opt/firmware/kmf_fw 1 cp: can't stat '/opt/firmware/kmf_fw/*': No such file or directory\n\
+                       @@kmodforge firmware-installed /opt/firmware/kmf_fw 0 \n\
+                       @@kmodforge load kmf_fw\n@@kmodforge rc 0\n@@kmodforge modules kmf_fw\n\
+                       @@kmodforge unload kmf_fw\n@@kmodforge rc 0\n@@kmodforge modules\n\
+                       @@kmodforge load kmf_hello\n@@kmodforge rc 0\n@@kmodforge modules kmf_hello\n\
+                       @@kmodforge unload kmf_hello\n@@kmodforge rc 0\n@@kmodforge modules\n@@kmodforge end\n";
+        let subjects = [subject("kmf_fw", &[]), subject("kmf_hello", &[])];
+        let v = judge(console, "6.1.0-47-amd64", &subjects, true);
+        assert_eq!(
+            v[0].reason.as_deref(),
+            Some(
+                "KMM's copy of the image's firmware /opt/firmware/kmf_fw (cp -R /opt/firmware/kmf_fw/* /tmp/opt/firmware/kmf_fw) failed: \
+                 exit status 1: cp: can't stat '/opt/firmware/kmf_fw/*': No such file or directory"
+            ),
+            "{v:?}"
+        );
+        assert!(v[0].failed() && v[1].reason.is_none(), "{v:?}");
+        // A folder no subject comes from fails everyone rather than no one.
+        let other = console.replace("/opt/firmware/kmf_fw", "/opt/firmware/vendor");
+        let v = judge(&other, "6.1.0-47-amd64", &subjects, true);
+        assert!(v.iter().all(|v| v.failed()), "{v:?}");
+        // The loader's path, for the modules with firmware.
+        let path = "@@kmodforge firmware-path 1 sh: can't create /sys/module/firmware_class/parameters/path: Permission denied\n\
+                    @@kmodforge firmware-copied /opt/firmware/kmf_fw 0 \n@@kmodforge end\n";
+        let v = judge(path, "6.1.0-47-amd64", &subjects, true);
+        assert!(
+            v[0].reason.as_deref().unwrap().starts_with(
+                "KMM's worker could not point the firmware loader at /lib/firmware: exit status 1: sh: can't create"
+            ),
+            "{v:?}"
+        );
+        assert_eq!(v[1].reason.as_deref(), Some("never loaded"));
+    }
+
+    #[test]
+    fn missing_firmware_is_named_with_where_it_should_come_from() {
+        let console = "@@kmodforge firmware-copied /opt/firmware/kmf_fw 0 \n@@kmodforge load kmf_fw\n\
+                       modprobe: ERROR: could not insert 'kmf_fw': No such file or directory\n@@kmodforge rc 1\n\
+                       @@kmodforge modules\n@@kmodforge dmesg-begin\n\
+                       [ 1.0] kmf_fw: module verification failed: signature and/or required key missing - tainting kernel\n\
+                       [ 1.1] platform kmf_fw: Direct firmware load for kmf_fw/hello.bin failed with error -2\n\
+                       [ 1.1] kmf_fw: cannot load firmware kmf_fw/hello.bin (error -2)\n\
+                       @@kmodforge dmesg-end\n@@kmodforge end\n";
+        let v = judge(console, "6.1.0-47-amd64", &[subject("kmf_fw", &[])], true);
+        let r = v[0].reason.as_deref().unwrap();
+        assert!(
+            r.starts_with("modprobe: ERROR: could not insert 'kmf_fw': No such file or directory; \
+                           kernel: platform kmf_fw: Direct firmware load for kmf_fw/hello.bin failed with error -2")
+                && r.contains("(firmware kmf_fw/hello.bin is not in /lib/firmware, where KMM's worker copies the image's firmwarePath"),
+            "{r}"
+        );
     }
 
     const GOOD: &str = "\
@@ -1032,6 +1357,52 @@ rmmod kmf_user
         assert_eq!(memory_mb(0), 384);
         // A 119 MB tree, as the one that made a 512 MiB guest's copy fail.
         assert!(memory_mb(119 << 20) >= 384 + 2 * 119);
+    }
+
+    #[test]
+    fn the_node_arguments_follow_the_tests_own() {
+        assert_eq!(command_line(&[]), "console=ttyS0 panic=-1 loglevel=7");
+        assert_eq!(
+            command_line(&["module.sig_enforce=1".into()]),
+            "console=ttyS0 panic=-1 loglevel=7 module.sig_enforce=1"
+        );
+    }
+
+    #[test]
+    fn a_signature_refusal_says_why() {
+        let refused = |kernel_says: &str| {
+            let console = format!(
+                "@@kmodforge load kmf_hello\nmodprobe: ERROR: could not insert 'kmf_hello': Key was rejected by service\n\
+                 @@kmodforge rc 1\n@@kmodforge modules\n@@kmodforge dmesg-begin\n{kernel_says}@@kmodforge dmesg-end\n@@kmodforge end\n"
+            );
+            judge(
+                &console,
+                "6.1.0-47-amd64",
+                &[subject("kmf_hello", &[])],
+                true,
+            )[0]
+            .reason
+            .clone()
+            .unwrap()
+        };
+        let r = refused("[    2.5] Loading of unsigned module is rejected\n");
+        assert!(
+            r.contains(
+                "Key was rejected by service; kernel: Loading of unsigned module is rejected"
+            ) && r.contains("the module is not signed"),
+            "{r}"
+        );
+        let r = refused("[    2.5] Loading of module with unavailable key is rejected\n");
+        assert!(
+            r.contains("Loading of module with unavailable key is rejected")
+                && r.contains("signed by a key it does not trust"),
+            "{r}"
+        );
+        let r = refused("");
+        assert!(
+            r.contains("the kernel rejected the module's signature"),
+            "{r}"
+        );
     }
 
     #[test]

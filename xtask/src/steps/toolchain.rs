@@ -13,7 +13,8 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::config::template::{Vars, normalize_tag};
+use crate::config::envsubst::normalize as normalize_tag;
+use crate::config::template::Vars;
 use crate::config::{Base, Config, Kernel, Toolchain, ToolchainSource};
 use crate::host::engine::{Engine, Run, require_program};
 use crate::host::fs::{read_json, write_json};

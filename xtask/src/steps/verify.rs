@@ -8,8 +8,11 @@
 //! module at a time): every dependency outside the tree is one of the kernel's own
 //! modules, reachable through KMM's host link; every symbol a module imports is exported
 //! by the tree, by the kernel's in-tree modules (through the link) or by the kernel
-//! itself, with the CRC the kernel has where it uses modversions. And the image gives
-//! KMM's worker the `sh`, `mkdir` and `cp` it runs.
+//! itself, with the CRC the kernel has where it uses modversions; with `[signing]`,
+//! every module is signed with the configured certificate's key (what a Secure Boot
+//! node checks). And the image gives KMM's worker the `sh`, `mkdir` and `cp` it runs,
+//! and a file in every firmware folder (the firmware it holds is listed, with what the
+//! modules name that it lacks).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -23,6 +26,8 @@ use crate::formats::oci::{self, Node, OciDir};
 use crate::run::fingerprint::walk_files;
 use crate::run::layout::Layout;
 use crate::steps::depmod::{DEPMOD_FILES, HOST_LINK, kernel_symvers};
+use crate::steps::image::firmware_paths;
+use crate::steps::sign;
 
 /// One check and how it went.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -333,6 +338,34 @@ fn symbols(t: &Tree, kos: &[&String], kernel: Option<&Symvers>) -> Check {
     check("symbols", problems, format!("{count} imports resolved"))
 }
 
+/// Every module carries a signature made with the key of `cert` that matches it.
+fn signatures(t: &Tree, cert: &Path) -> Result<Check> {
+    let mut problems = Vec::new();
+    let mut count = 0;
+    for (path, data) in t.files.iter().filter(|(p, _)| p.ends_with(".ko")) {
+        count += 1;
+        match sign::check(data, cert)? {
+            sign::Verdict::Valid => {}
+            sign::Verdict::Unsigned => problems.push(format!(
+                "{path} is not signed: a node that enforces signatures (Secure Boot) refuses it; build it again with [signing]"
+            )),
+            sign::Verdict::OtherKey(signer) => problems.push(format!(
+                "{path} is signed by another key ({signer}), not by the key of {}",
+                display_path(cert)
+            )),
+            sign::Verdict::Invalid(why) => problems.push(format!("{path}: {why}")),
+        }
+    }
+    Ok(check(
+        "signature",
+        problems,
+        format!(
+            "{count} modules signed with the key of {}",
+            display_path(cert)
+        ),
+    ))
+}
+
 /// The checks of a kernel's staging tree and of its image (`<out>/images/<kver>`, or
 /// `image`), each under a heading.
 pub fn kernel(
@@ -345,13 +378,14 @@ pub fn kernel(
         .ok()
         .map(|t| Symvers::parse(&t));
     let staging = layout.staging_modules(kver);
+    let cert = config.signing.as_ref().map(|s| s.cert.as_path());
     let tree_checks = if staging.is_dir() {
-        tree(
-            &Tree::read(&staging)?,
-            kver,
-            &format!("lib/modules/{kver}/"),
-            symvers.as_ref(),
-        )
+        let t = Tree::read(&staging)?;
+        let mut checks = tree(&t, kver, &format!("lib/modules/{kver}/"), symvers.as_ref());
+        if let Some(cert) = cert {
+            checks.push(signatures(&t, cert)?);
+        }
+        checks
     } else {
         vec![check(
             "layout",
@@ -363,7 +397,7 @@ pub fn kernel(
     };
     let dir = image_dir.map_or_else(|| layout.out.join("images").join(kver), Path::to_path_buf);
     let image_checks = match OciDir::open(&dir) {
-        Ok(oci) => image(&oci, &config.image.prefix, kver, symvers.as_ref())?,
+        Ok(oci) => image(&oci, &config.image.prefix, kver, symvers.as_ref(), cert)?,
         Err(_) if image_dir.is_some() => vec![check(
             "image",
             vec![format!(
@@ -397,23 +431,24 @@ pub fn kernel(
     ])
 }
 
-/// Checks an image: its tree under `<prefix>/lib/modules/<kver>/` and the tools KMM's
-/// worker runs in it.
+/// Checks an image: its tree under `<prefix>/lib/modules/<kver>/` (its signatures
+/// against `cert`, when given) and the tools KMM's worker runs in it.
 pub fn image(
     oci_dir: &OciDir,
     prefix: &str,
     kver: &str,
     kernel: Option<&Symvers>,
+    cert: Option<&Path>,
 ) -> Result<Vec<Check>> {
     let tree_root = format!("{}/lib/modules/{kver}", prefix.trim_matches('/'));
     let fs = oci::filesystem(oci_dir, |p| p.starts_with(&format!("{tree_root}/")))?;
+    let t = Tree::from_image(&fs, &tree_root);
     let mut checks = if fs.contains_key(&tree_root) {
-        tree(
-            &Tree::from_image(&fs, &tree_root),
-            kver,
-            &format!("/{tree_root}/"),
-            kernel,
-        )
+        let mut checks = tree(&t, kver, &format!("/{tree_root}/"), kernel);
+        if let Some(cert) = cert {
+            checks.push(signatures(&t, cert)?);
+        }
+        checks
     } else {
         vec![check(
             "layout",
@@ -421,6 +456,7 @@ pub fn image(
             String::new(),
         )]
     };
+    checks.extend(firmware(&fs, prefix, &t));
     let mut missing = Vec::new();
     for tool in ["sh", "mkdir", "cp"] {
         let found = ["bin", "usr/bin"]
@@ -438,6 +474,55 @@ pub fn image(
         "sh, mkdir and cp, which KMM's worker runs".into(),
     ));
     Ok(checks)
+}
+
+/// The image's firmware folders (KMM's `firmwarePath`s) and what they hold; the
+/// firmware its modules name (`MODULE_FIRMWARE`) that none holds, which the node must
+/// have. An empty folder fails: KMM's init container (`cp -R <firmwarePath>/*`) fails on
+/// it. No check at all for an image without firmware whose modules name none.
+fn firmware(fs: &oci::FileSystem, prefix: &str, t: &Tree) -> Option<Check> {
+    let folders = firmware_paths(fs, prefix);
+    let mut shipped = BTreeSet::new();
+    let (mut problems, mut held) = (Vec::new(), Vec::new());
+    for folder in &folders {
+        let root = format!("{}/", folder.trim_start_matches('/'));
+        let files: Vec<&str> = fs
+            .range(root.clone()..)
+            .take_while(|(p, _)| p.starts_with(&root))
+            .filter(|(_, n)| matches!(n, Node::File { .. }))
+            .map(|(p, _)| &p[root.len()..])
+            .collect();
+        if files.is_empty() {
+            problems.push(format!(
+                "{folder} holds no file: KMM's init container (cp -R {folder}/*) fails on it"
+            ));
+        }
+        held.push(format!("{folder}: {}", files.join(" ")));
+        shipped.extend(files);
+    }
+    let mut wanted: Vec<String> = Vec::new();
+    for (ko, data) in t.files.iter().filter(|(p, _)| p.ends_with(".ko")) {
+        let Ok(info) = ModInfo::from_elf(data) else {
+            continue;
+        };
+        for (_, name) in info.fields.iter().filter(|(k, _)| k == "firmware") {
+            if !shipped.contains(name.as_str()) {
+                wanted.push(format!(
+                    "{ko} names {name}, which the image does not hold (the node must have it)"
+                ));
+            }
+        }
+    }
+    if folders.is_empty() && wanted.is_empty() {
+        return None;
+    }
+    let mut detail = if held.is_empty() {
+        vec!["no firmware folder".to_string()]
+    } else {
+        held
+    };
+    detail.extend(wanted);
+    Some(check("firmware", problems, detail.join("; ")))
 }
 
 #[cfg(test)]

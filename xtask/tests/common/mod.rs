@@ -88,7 +88,8 @@ impl Project {
             .args(args);
         cmd.env_remove("KMODFORGE_ENGINE")
             .env_remove("KMODFORGE_OUT")
-            .env_remove("KMODFORGE_CONFIG");
+            .env_remove("KMODFORGE_CONFIG")
+            .env_remove("KMODFORGE_SIGNING_KEY");
         cmd
     }
 
@@ -493,6 +494,7 @@ pub struct LayoutImage {
 /// One entry of a layer as plain tar reads it.
 pub struct LayerEntry {
     pub path: String,
+    pub mode: u32,
     pub uid: u64,
     pub mtime: u64,
     pub data: Vec<u8>,
@@ -519,6 +521,7 @@ pub fn read_layout(dir: &Path) -> LayoutImage {
             std::io::Read::read_to_end(&mut e, &mut data).unwrap();
             entries.push(LayerEntry {
                 path: e.path().unwrap().to_string_lossy().into_owned(),
+                mode: h.mode().unwrap(),
                 uid: h.uid().unwrap(),
                 mtime: h.mtime().unwrap(),
                 data,

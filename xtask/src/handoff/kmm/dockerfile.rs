@@ -6,7 +6,8 @@
 //! `build.sh` holds one `case` branch per kernel of kernels.toml with the very
 //! environment and argv of the local compile of each folder, every word single-quoted
 //! (nothing in them is expanded by a shell); an unknown kernel fails the build loudly.
-//! Then the host link and depmod, as the local depmod step makes them.
+//! Then the host link and depmod, as the local depmod step makes them. A folder's
+//! firmware goes where kmodforge's own layer holds it, `<prefix>/firmware/<folder>/`.
 //!
 //! The build stage starts from the Driver Toolkit on OpenShift (`DTK_AUTO`, which KMM
 //! sets only there) or, on any cluster, from kmodforge's builder image for the kernel
@@ -66,7 +67,15 @@ pub fn dockerfile(h: &Handoff, mode: InCluster) -> Result<String> {
          \n\
          FROM {base}\n\
          ARG KERNEL_FULL_VERSION\n\
-         COPY --from=build {prefix}/lib/modules/${{KERNEL_FULL_VERSION}} {prefix}/lib/modules/${{KERNEL_FULL_VERSION}}\n",
+         COPY --from=build {prefix}/lib/modules/${{KERNEL_FULL_VERSION}} {prefix}/lib/modules/${{KERNEL_FULL_VERSION}}\n\
+         {firmware}",
+        firmware = match in_cluster_modules(h, mode)
+            .iter()
+            .any(|m| m.firmware.is_some())
+        {
+            true => format!("COPY --from=build {prefix}/firmware {prefix}/firmware\n"),
+            false => String::new(),
+        },
         mode = mode_name(mode),
         kernels = display_path(&config.path),
     ))
@@ -113,6 +122,7 @@ fn build_script(h: &Handoff, mode: InCluster) -> Result<String> {
                 .map(|w: String| quote(&w))
                 .collect();
             s.push_str(&format!("\tbuild {}\n", words.join(" ")));
+            s.push_str(&firmware_lines(m)?);
         }
         s.push_str("\t;;\n");
     }
@@ -130,7 +140,10 @@ set -u
 kver=$1 prefix=@PREFIX@
 tree=$prefix/lib/modules/$kver
 jobs=-j$(nproc)
-mkdir -p "$tree" /kmodforge/deps
+mkdir -p "$tree" "$prefix/firmware" /kmodforge/deps
+firmware() { # FOLDER NAME FILE: a firmware file where kmodforge's own images hold it
+	install -D -m 0644 "/kmodforge/sources/$1/$3" "$prefix/firmware/$1/$2" || exit 1
+}
 build() { # FOLDER NAME=VALUE... -- ARGV...
 	local folder=$1 env=() status kind file built strip location; shift
 	while [ "$1" != -- ]; do env+=("$1"); shift; done; shift
@@ -148,6 +161,27 @@ build() { # FOLDER NAME=VALUE... -- ARGV...
 	done < /kmodforge/out/manifest
 }
 "#;
+
+/// build.sh's lines that put folder `m`'s firmware files (after its build) where
+/// kmodforge's own layer puts them, [`crate::steps::image::firmware_dir`], links followed.
+fn firmware_lines(m: &Module) -> Result<String> {
+    let Some(dir) = &m.firmware else {
+        return Ok(String::new());
+    };
+    let files = crate::config::firmware::files(&m.dir, dir)
+        .map_err(|e| anyhow::anyhow!("the firmware of module {}: {e}", m.name))?;
+    let mut s = String::new();
+    for f in files {
+        let from = f.source.strip_prefix(&m.dir).unwrap_or(&f.source);
+        s.push_str(&format!(
+            "\tfirmware {} {} {}\n",
+            quote(&m.name),
+            quote(&f.name),
+            quote(&from.to_string_lossy())
+        ));
+    }
+    Ok(s)
+}
 
 /// The host link to the node's modules (as `[image] host-link` says) and depmod,
 /// resolving in-tree dependencies through it against the kernel's modules in the build
@@ -304,6 +338,27 @@ mod tests {
         assert_eq!(words, want);
         assert!(words.contains(&hostile.to_string()));
         assert!(!std::path::Path::new("/tmp/kmf-pwned").exists());
+    }
+
+    #[test]
+    fn firmware_files_go_where_kmodforges_layer_puts_them() {
+        let d = tempfile::tempdir().unwrap();
+        let m = d.path().join("kmf_fw");
+        std::fs::create_dir_all(m.join("fw/kmf_fw")).unwrap();
+        std::fs::write(m.join("Kbuild"), "obj-m := kmf_fw.o\n").unwrap();
+        std::fs::write(m.join("module.toml"), "[firmware]\ndir = \"fw\"\n").unwrap();
+        std::fs::write(m.join("fw/kmf_fw/hello.bin"), "hi").unwrap();
+        std::os::unix::fs::symlink("hello.bin", m.join("fw/kmf_fw/alias.bin")).unwrap();
+        let modules = modules::discover(d.path()).unwrap();
+        assert_eq!(
+            firmware_lines(&modules[0]).unwrap(),
+            "\tfirmware kmf_fw kmf_fw/alias.bin fw/kmf_fw/alias.bin\n\
+             \tfirmware kmf_fw kmf_fw/hello.bin fw/kmf_fw/hello.bin\n"
+        );
+        assert!(BUILD_SH_HEAD.contains(
+            "install -D -m 0644 \"/kmodforge/sources/$1/$3\" \"$prefix/firmware/$1/$2\""
+        ));
+        assert_eq!(firmware_lines(&crate::testing::module("x")).unwrap(), "");
     }
 
     #[test]

@@ -125,6 +125,11 @@ pub fn analyze<'a>(plan: &'a Plan<'a>, layout: &Layout, options: &Options) -> Re
         };
         modules.push(km);
     }
+    if options.in_cluster.is_some() && plan.config.signing.is_some() {
+        notes.push(
+            "the in-cluster build does not sign: [signing]'s key stays here; KMM signs in the cluster with [kmm.sign]".into(),
+        );
+    }
     if !missing.is_empty() {
         bail!(
             "the manifests name the .ko files each module built, and these have no current build:\n  {}\n  help: run `cargo xtask build-all` (a module that cannot build for a kernel is excluded from it with `kernels` in its module.toml)",

@@ -85,18 +85,22 @@ fn module_doc(h: &Handoff, m: &KmmModule, options: &Options) -> Result<Doc<Spec<
             insecure: t.insecure,
             insecure_skip_tls_verify: t.insecure_skip_tls_verify,
         });
-    let container = Container {
-        modprobe: Modprobe {
-            module_name: m.spec.module_name.clone(),
-            dir_name: config.image.prefix.clone(),
-            parameters: m.spec.parameters.clone(),
-            modules_loading_order: m.spec.order.clone(),
-            firmware_path: None,
-        },
-        kernel_mappings: mappings,
-        registry_tls: tls,
-        version: options.version.clone(),
-    };
+    let container =
+        Container {
+            modprobe: Modprobe {
+                module_name: m.spec.module_name.clone(),
+                dir_name: config.image.prefix.clone(),
+                parameters: m.spec.parameters.clone(),
+                modules_loading_order: m.spec.order.clone(),
+                // KMM copies it to the node's firmware directory before modprobe.
+                firmware_path: m.folder.firmware.as_ref().map(|_| {
+                    crate::steps::image::firmware_dir(&config.image.prefix, &m.folder.name)
+                }),
+            },
+            kernel_mappings: mappings,
+            registry_tls: tls,
+            version: options.version.clone(),
+        };
     Ok(Doc {
         api_version: "kmm.sigs.x-k8s.io/v1beta1",
         kind: "Module",
@@ -200,17 +204,10 @@ fn literal_mapping(
 /// name` filled in, which KMM must resolve to each kernel's image.
 fn regexp_mapping(h: &Handoff, m: &KmmModule) -> Result<KernelMapping> {
     let config = h.plan.config;
-    let mut vars: Vec<(&str, String)> = [
-        "KERNEL_FULL_VERSION",
-        "KERNEL_VERSION",
-        "KERNEL_XYZ",
-        "KERNEL_X",
-        "KERNEL_Y",
-        "KERNEL_Z",
-    ]
-    .into_iter()
-    .map(|v| (v, format!("${{{v}}}")))
-    .collect();
+    let mut vars: Vec<(&str, String)> = envsubst::KERNEL_VARS
+        .into_iter()
+        .map(|v| (v, format!("${{{v}}}")))
+        .collect();
     vars.push(("MOD_NAME", config.kmm.name.clone()));
     vars.push(("MOD_NAMESPACE", config.kmm.namespace.clone()));
     let template = envsubst::substitute(&config.image.name, &vars).map_err(anyhow::Error::msg)?;

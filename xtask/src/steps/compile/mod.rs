@@ -9,8 +9,10 @@
 //! told not to (the unstripped ones are kept for crash analysis) and reported in a
 //! manifest. Modules this one depends on are mounted read-only, their `Module.symvers`
 //! passed as `KBUILD_EXTRA_SYMBOLS`. Every `.ko` is checked against the kernel version
-//! (vermagic) before it is kept. `make` shares the run's jobserver (or a share of `-j`).
-//! Where the time went is kept beside the record ([`Phases`]).
+//! (vermagic) before it is kept, and with `[signing]` then signed, in a container of
+//! its own that alone sees the key ([`crate::steps::sign`]). `make` shares the run's
+//! jobserver (or a share of `-j`). Where the time went is kept beside the record
+//! ([`Phases`]).
 
 mod phases;
 
@@ -22,6 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::diag::display_path;
 use crate::config::modules::{Build, Language, Module, make_vars};
+use crate::config::signing::Signing;
 use crate::formats::modinfo::check_vermagic;
 use crate::host::engine::{Engine, Mount, Run};
 use crate::host::fs::{copy_file, read_json, replace_dir, write_json};
@@ -71,14 +74,19 @@ impl Record {
     pub fn fresh(layout: &Layout, kver: &str, module: &str, fingerprint: &str) -> Option<Record> {
         let rec = Record::load(layout, kver, module)?;
         let artifacts = layout.artifacts(kver, module);
-        // Sizes are cheap to check and catch a truncated or replaced file.
+        // Sizes are cheap to check and catch a truncated or replaced file; depmod needs
+        // the unstripped twins too.
         let sizes: Option<u64> = rec
             .modules
             .iter()
             .map(|m| std::fs::metadata(artifacts.join(m)).ok().map(|md| md.len()))
             .sum();
+        let twins = rec
+            .modules
+            .iter()
+            .all(|m| artifacts.join("unstripped").join(m).is_file());
         let complete = rec.skipped.is_some()
-            || sizes.is_some_and(|total| rec.bytes == 0 || total == rec.bytes);
+            || (twins && sizes.is_some_and(|total| rec.bytes == 0 || total == rec.bytes));
         (rec.fingerprint == fingerprint && complete).then_some(rec)
     }
 
@@ -185,6 +193,8 @@ pub struct Compile<'a> {
     pub fingerprint: &'a str,
     pub jobs: MakeJobs<'a>,
     pub log: &'a Path,
+    /// Sign the stripped modules with this key and certificate.
+    pub signing: Option<&'a Signing>,
 }
 
 /// What the driver reported.
@@ -250,6 +260,17 @@ impl Compile<'_> {
         self.check(&manifest)?;
         for (name, _, _) in &manifest.modules {
             check_vermagic(&out.join("modules").join(name), self.kver)?;
+        }
+        if let Some(signing) = self.signing {
+            let names: Vec<String> = manifest.modules.iter().map(|m| m.0.clone()).collect();
+            let signer = crate::steps::sign::Signer {
+                engine: self.engine,
+                signing,
+                image: self.image,
+                kdir: self.kdir,
+                kver: self.kver,
+            };
+            signer.sign(&out.join("modules"), &names, self.log)?;
         }
         self.keep(out, &manifest)?;
         Ok(None)
