@@ -1405,6 +1405,14 @@ rmmod kmf_user
         );
     }
 
+    /// The first module's reason for failing.
+    fn first_reason(console: &str, kver: &str, subjects: &[Subject], dep: bool) -> String {
+        judge(console, kver, subjects, dep)[0]
+            .reason
+            .clone()
+            .unwrap()
+    }
+
     #[test]
     fn failures_say_why() {
         let refused = "@@kmodforge load kmf_hello\nmodprobe: ERROR: could not insert 'kmf_hello': Exec format error\n@@kmodforge rc 1\n\
@@ -1427,15 +1435,12 @@ rmmod kmf_user
         );
 
         let missing = "@@kmodforge load kmf_hello\nmodprobe: FATAL: Module kmf_hello not found in directory /tmp/opt/lib/modules/k\n@@kmodforge rc 1\n@@kmodforge end\n";
-        let r = judge(
+        let r = first_reason(
             missing,
             "6.1.0-47-amd64",
             &[subject("kmf_hello", &[])],
             false,
-        )[0]
-        .reason
-        .clone()
-        .unwrap();
+        );
         assert!(
             r.contains("not found in directory") && r.contains("no modules.dep"),
             "{r}"
@@ -1445,30 +1450,24 @@ rmmod kmf_user
             "kmf_export_add(40, 2) = 42",
             "WARNING: CPU: 0 PID: 1 at kmf_user.c:10",
         );
-        let r = judge(
+        let r = first_reason(
             &format!("{oops}@@kmodforge end\n"),
             "6.1.0-47-amd64",
             &[subject("kmf_user", &[])],
             true,
-        )[0]
-        .reason
-        .clone()
-        .unwrap();
+        );
         assert!(
             r.contains("kernel log while loading: kmf_user: WARNING: CPU: 0"),
             "{r}"
         );
 
         let nodep = GOOD.replace("modules kmf_user kmf_export", "modules kmf_user");
-        let r = judge(
+        let r = first_reason(
             &format!("{nodep}@@kmodforge end\n"),
             "6.1.0-47-amd64",
             &[subject("kmf_user", &["kmf_export"])],
             true,
-        )[0]
-        .reason
-        .clone()
-        .unwrap();
+        );
         assert!(r.contains("dependency kmf_export was not loaded"), "{r}");
 
         let crash = "@@kmodforge load kmf_user\n[ 3.0] BUG: kernel NULL pointer dereference\n";
