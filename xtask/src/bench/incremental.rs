@@ -23,6 +23,8 @@ pub struct Noop {
     /// Calls to podman or docker during the no-op runs.
     pub engine_calls: usize,
     pub peak_rss_kib: Option<u64>,
+    /// The median through `cargo xtask`, as a user runs it (cargo's start-up included).
+    pub via_cargo_median_s: f64,
 }
 
 /// Restricts `project` to the pairs that built (a failed job is retried by every run,
@@ -36,6 +38,44 @@ pub fn noop(
     runs: usize,
     scratch: &Path,
 ) -> Result<Noop> {
+    settle(config, project, built, kernels, x, scratch)?;
+    let calls = scratch.join("engine-calls");
+    let shims = scratch.join("engine-stand-ins");
+    xtask::engine_stand_ins(&shims, &calls)?;
+    let counted = Xtask {
+        path_first: Some(shims),
+        ..x.clone()
+    };
+    let (times, peak) = noop_runs(&counted, project, runs, scratch, "noop")?;
+    let via_cargo = Xtask {
+        cargo_workspace: Some(config.root.clone()),
+        ..counted
+    };
+    let (cargo_times, _) = noop_runs(&via_cargo, project, runs, scratch, "noop-cargo")?;
+    let engine_calls = std::fs::read_to_string(&calls)
+        .map(|t| t.lines().count())
+        .unwrap_or(0);
+    Ok(Noop {
+        runs: times.len(),
+        median_s: cpu::median(&times),
+        min_s: times.iter().copied().fold(f64::INFINITY, f64::min),
+        max_s: times.iter().copied().fold(0.0, f64::max),
+        engine_calls,
+        peak_rss_kib: peak,
+        via_cargo_median_s: cpu::median(&cargo_times),
+    })
+}
+
+/// Restricts `project` to the pairs that built and runs it once, so the next run has
+/// nothing to do.
+fn settle(
+    config: &Config,
+    project: &Project,
+    built: &[(String, String)],
+    kernels: &[String],
+    x: &Xtask,
+    scratch: &Path,
+) -> Result<()> {
     let entries: Vec<KernelEntry> = kernels
         .iter()
         .map(|k| KernelEntry {
@@ -52,43 +92,32 @@ pub fn noop(
         .collect();
     project.set_kernels(config, &entries)?;
     x.run(project, &["build-all"], &scratch.join("noop-settle.log"))?;
-    let calls = scratch.join("engine-calls");
-    let shims = scratch.join("engine-stand-ins");
-    xtask::engine_stand_ins(&shims, &calls)?;
-    let counted = Xtask {
-        exe: x.exe.clone(),
-        engine: x.engine,
-        path_first: Some(shims),
-        env: x.env.clone(),
-    };
+    Ok(())
+}
+
+/// `runs` no-op runs' wall times and the largest peak memory; any job started fails.
+fn noop_runs(
+    x: &Xtask,
+    project: &Project,
+    runs: usize,
+    scratch: &Path,
+    name: &str,
+) -> Result<(Vec<f64>, Option<u64>)> {
     let mut times = Vec::new();
     let mut peak = None;
     for i in 0..runs.max(1) {
-        let run = counted.run(
-            project,
-            &["build-all"],
-            &scratch.join(format!("noop-{i}.log")),
-        )?;
+        let log = scratch.join(format!("{name}-{i}.log"));
+        let run = x.run(project, &["build-all"], &log)?;
         anyhow::ensure!(
             run.started.is_empty() && !run.failed_jobs,
             "the no-op run {i} started jobs ({}); see {}",
             run.started.join(", "),
-            scratch.join(format!("noop-{i}.log")).display()
+            log.display()
         );
         times.push(run.wall_s);
         peak = peak.max(run.usage.map(|u| u.max_rss_kib));
     }
-    let engine_calls = std::fs::read_to_string(&calls)
-        .map(|t| t.lines().count())
-        .unwrap_or(0);
-    Ok(Noop {
-        runs: times.len(),
-        median_s: cpu::median(&times),
-        min_s: times.iter().copied().fold(f64::INFINITY, f64::min),
-        max_s: times.iter().copied().fold(0.0, f64::max),
-        engine_calls,
-        peak_rss_kib: peak,
-    })
+    Ok((times, peak))
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -145,6 +174,7 @@ pub fn images(x: &Xtask, project: &Project, kernels: &[String], scratch: &Path) 
         engine: x.engine,
         path_first: None,
         env: x.env.clone(),
+        cargo_workspace: None,
     };
     with_epoch
         .env

@@ -99,6 +99,7 @@ fn sections(config: &Config, opts: &Options, dir: &Path, say: &dyn Fn(&str)) -> 
         engine: opts.engine,
         path_first: None,
         env: vec![],
+        cargo_workspace: None,
     };
     say("making the toolchains (not timed)");
     x.run(&setup.project, &["build-all"], &dir.join("prepare.log"))?;

@@ -72,6 +72,7 @@ pub fn measure(
         engine: Some(EngineKind::Podman),
         path_first: None,
         env: env.clone(),
+        cargo_workspace: None,
     };
     let entry = |k: &String| KernelEntry {
         version: k.clone(),

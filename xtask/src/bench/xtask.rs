@@ -50,6 +50,7 @@ pub fn write_own_usage() {
 }
 
 /// How the bench runs kmodforge.
+#[derive(Clone, Default)]
 pub struct Xtask {
     pub exe: PathBuf,
     pub engine: Option<EngineKind>,
@@ -57,6 +58,9 @@ pub struct Xtask {
     pub path_first: Option<PathBuf>,
     /// Extra environment (a separate engine storage, say).
     pub env: Vec<(String, String)>,
+    /// Run as a user types it, `cargo xtask` in this workspace, instead of `exe`
+    /// directly (cargo's own start-up counted).
+    pub cargo_workspace: Option<PathBuf>,
 }
 
 /// What one run of kmodforge did.
@@ -76,12 +80,15 @@ impl Xtask {
         let usage_file = log.with_extension("rusage.json");
         let _ = std::fs::remove_file(&usage_file);
         let _ = std::fs::remove_file(log);
-        let mut cmd = Cmd::new(&self.exe)
-            .arg("--config")
-            .arg(&project.config)
-            .arg("--out")
-            .arg(&project.out)
-            .args(["--progress", "plain"]);
+        let mut cmd = match &self.cargo_workspace {
+            Some(ws) => Cmd::new("cargo").arg("xtask").dir(ws),
+            None => Cmd::new(&self.exe),
+        }
+        .arg("--config")
+        .arg(&project.config)
+        .arg("--out")
+        .arg(&project.out)
+        .args(["--progress", "plain"]);
         if let Some(e) = self.engine {
             cmd = cmd.arg("--engine").arg(e.to_string());
         }

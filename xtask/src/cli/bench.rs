@@ -235,8 +235,8 @@ fn singles(r: &Report, line: &mut impl FnMut(String)) {
 fn incremental(r: &Report, line: &mut impl FnMut(String)) {
     let n = &r.noop;
     line(format!(
-        "\nno-op build-all: median {:.3} s (min {:.3}, max {:.3}, {} runs), {} engine calls",
-        n.median_s, n.min_s, n.max_s, n.runs, n.engine_calls
+        "\nno-op build-all: median {:.3} s (min {:.3}, max {:.3}, {} runs), {} engine calls; through `cargo xtask`: median {:.3} s",
+        n.median_s, n.min_s, n.max_s, n.runs, n.engine_calls, n.via_cargo_median_s
     ));
     if let Some(t) = &r.touched {
         line(format!(
