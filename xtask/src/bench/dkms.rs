@@ -16,9 +16,9 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use crate::bench::cpu::{self, Measured};
-use crate::bench::workload::copy_tree;
 use crate::config::Config;
 use crate::config::modules::{Build, Language, Module};
+use crate::host::fs::copy_tree;
 use crate::host::process::{Cmd, process_error};
 
 /// A package DKMS builds, named as kmodforge names the module folder.

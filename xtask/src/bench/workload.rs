@@ -16,6 +16,7 @@ use serde::Deserialize;
 use crate::config::Config;
 use crate::config::diag::display_path;
 use crate::config::dkms;
+use crate::host::fs::copy_tree;
 use crate::host::process::Cmd;
 
 const ORACLE: &str = include_str!("../../tests/dkms/oracle.toml");
@@ -327,20 +328,6 @@ pub fn scratch_config(text: &str, kernels: &[KernelEntry]) -> Result<String> {
         image.insert("base".into(), "busybox".into());
     }
     Ok(toml::to_string(&table)?)
-}
-
-pub fn copy_tree(from: &Path, to: &Path) -> Result<()> {
-    if let Some(parent) = to.parent() {
-        crate::host::fs::create_dir_all(parent)?;
-    }
-    let ok = Cmd::new("cp").arg("-a").arg(from).arg(to).succeeds()?;
-    anyhow::ensure!(
-        ok,
-        "cannot copy {} to {}",
-        display_path(from),
-        display_path(to)
-    );
-    Ok(())
 }
 
 #[cfg(test)]

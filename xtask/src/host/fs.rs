@@ -96,6 +96,26 @@ pub fn read_to_string(path: &Path) -> Result<String> {
     fs::read_to_string(path).with_context(|| format!("cannot read {}", display_path(path)))
 }
 
+/// Copies `from` to `to` as `cp -a` does (modes, links and times kept), making `to`'s
+/// folder first.
+pub fn copy_tree(from: &Path, to: &Path) -> Result<()> {
+    if let Some(parent) = to.parent() {
+        create_dir_all(parent)?;
+    }
+    let ok = crate::host::process::Cmd::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .succeeds()?;
+    anyhow::ensure!(
+        ok,
+        "cannot copy {} to {}",
+        display_path(from),
+        display_path(to)
+    );
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

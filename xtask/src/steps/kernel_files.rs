@@ -171,22 +171,7 @@ pub fn ensure(
     let _ = fs::remove_dir_all(&files.dir);
     // The cache may be on another file system than the output directory.
     if fs::rename(tmp.path(), &files.dir).is_err() {
-        copy_dir(tmp.path(), &files.dir)?;
+        crate::host::fs::copy_tree(tmp.path(), &files.dir)?;
     }
     Ok(files)
-}
-
-fn copy_dir(from: &Path, to: &Path) -> Result<()> {
-    let ok = crate::host::process::Cmd::new("cp")
-        .arg("-a")
-        .arg(from)
-        .arg(to)
-        .succeeds()?;
-    anyhow::ensure!(
-        ok,
-        "cannot copy {} to {}",
-        display_path(from),
-        display_path(to)
-    );
-    Ok(())
 }
