@@ -96,15 +96,7 @@ fn at(p: &Project, needle: &str) -> String {
 /// A project for `K61` with `kmf_hello` alone (one quick compile).
 fn hello_only() -> Project {
     let p = Project::new(&[K61]);
-    let modules = fs::read_dir(p.path().join("modules")).unwrap();
-    let folders = modules
-        .map(|e| e.unwrap().path())
-        .filter(|path| path.is_dir());
-    for m in folders.map(|path| path.file_name().unwrap().to_str().unwrap().to_string()) {
-        if m != "kmf_hello" {
-            p.remove_module(&m);
-        }
-    }
+    p.keep_modules(&["kmf_hello"]);
     p
 }
 

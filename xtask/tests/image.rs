@@ -264,16 +264,7 @@ fn firmware_ships_with_its_module_only() {
     require("podman", "podman");
     let busybox = "[image]\nbase = \"busybox\"\nname = \"localhost/kmodforge-test/fw:${KERNEL_FULL_VERSION}\"\n";
     let p = image_project(K61, busybox);
-    for m in [
-        "kmf_crc",
-        "kmf_export",
-        "kmf_nested",
-        "kmf_param",
-        "kmf_user",
-        "kmf_rust",
-    ] {
-        p.remove_module(m);
-    }
+    p.keep_modules(&["kmf_fw", "kmf_hello"]);
     let fw = "opt/firmware/kmf_fw/kmf_fw/hello.bin".to_string();
     image(&p, &["--kernel", K61, "--no-load"], Some("1700000000")).ok();
     assert!(layer_paths(&p, K61).contains(&fw));

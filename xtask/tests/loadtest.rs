@@ -383,17 +383,7 @@ fn a_tree_larger_than_the_old_guest_memory_loads() {
     // A 200 MB module: a 512 MiB guest (what the load test used to boot) cannot hold
     // the initramfs and KMM's copy of it.
     let p = project(&[K61], "localhost/kmodforge-test/big");
-    for m in [
-        "kmf_crc",
-        "kmf_export",
-        "kmf_fw",
-        "kmf_nested",
-        "kmf_param",
-        "kmf_user",
-        "kmf_rust",
-    ] {
-        p.remove_module(m);
-    }
+    p.keep_modules(&["kmf_hello"]);
     p.write("modules/kmf_big/Kbuild", "obj-m := kmf_big.o\n");
     p.write(
         "modules/kmf_big/kmf_big.c",
@@ -428,16 +418,7 @@ fn a_module_loads_with_its_firmware_and_fails_without_it() {
     require("qemu-system-x86_64", "qemu-system-x86");
     // kmf_fw requests kmf_fw/hello.bin in its init; kmf_hello has no firmware.
     let p = project(&[K61], "localhost/kmodforge-test/firmware");
-    for m in [
-        "kmf_crc",
-        "kmf_export",
-        "kmf_nested",
-        "kmf_param",
-        "kmf_user",
-        "kmf_rust",
-    ] {
-        p.remove_module(m);
-    }
+    p.keep_modules(&["kmf_fw", "kmf_hello"]);
     let r = p.run(&["--engine", "podman", "test", "--kernel", K61]).ok();
     let rows = table_rows(&r);
     for m in ["kmf_fw", "kmf_hello"] {

@@ -365,6 +365,25 @@ fn rows(r: &Run) -> Vec<(String, String, String)> {
         .collect()
 }
 
+/// The load test on the Rust kernel fails both modules, each for the kernel's `why` (its
+/// log line) and kmodforge's `reason`.
+fn all_refused(p: &Project, why: &str, reason_says: &str) {
+    let t = p
+        .run(&["--engine", "podman", "test", "--kernel", KRUST])
+        .failed();
+    let got = rows(&t);
+    assert_eq!(got.len(), 2, "{}", t.all());
+    for (m, result, reason) in &got {
+        assert_eq!(result, "FAIL", "{m}: {}", t.all());
+        assert!(
+            reason.contains("Key was rejected by service")
+                && reason.contains(why)
+                && reason.contains(reason_says),
+            "{m}: {reason}"
+        );
+    }
+}
+
 #[test]
 fn a_kernel_that_enforces_signatures_loads_what_kmodforge_signed_and_refuses_the_rest() {
     require("podman", "podman");
@@ -400,37 +419,19 @@ fn a_kernel_that_enforces_signatures_loads_what_kmodforge_signed_and_refuses_the
 
     // Signed with a key the kernel does not trust: refused, and the table says why.
     write_config(&p, KRUST, modules, &signing(keys.path(), "other", "other"));
-    let t = p
-        .run(&["--engine", "podman", "test", "--kernel", KRUST])
-        .failed();
-    let got = rows(&t);
-    assert_eq!(got.len(), 2, "{}", t.all());
-    for (m, result, reason) in &got {
-        assert_eq!(result, "FAIL", "{m}: {}", t.all());
-        assert!(
-            reason.contains("Key was rejected by service")
-                && reason.contains("Loading of module with unavailable key is rejected")
-                && reason.contains("signed by a key it does not trust"),
-            "{m}: {reason}"
-        );
-    }
+    all_refused(
+        &p,
+        "Loading of module with unavailable key is rejected",
+        "signed by a key it does not trust",
+    );
 
     // Unsigned: refused, and the table says why.
     write_config(&p, KRUST, modules, "");
-    let t = p
-        .run(&["--engine", "podman", "test", "--kernel", KRUST])
-        .failed();
-    let got = rows(&t);
-    assert_eq!(got.len(), 2, "{}", t.all());
-    for (m, result, reason) in &got {
-        assert_eq!(result, "FAIL", "{m}: {}", t.all());
-        assert!(
-            reason.contains("Key was rejected by service")
-                && reason.contains("Loading of unsigned module is rejected")
-                && reason.contains("the module is not signed"),
-            "{m}: {reason}"
-        );
-    }
+    all_refused(
+        &p,
+        "Loading of unsigned module is rejected",
+        "the module is not signed",
+    );
 
     // The same unsigned modules load when the kernel does not enforce signatures: the
     // refusals above are the enforcement's.

@@ -10,6 +10,7 @@
 
 use std::time::Instant;
 
+use crate::bench::xtask::OwnUsage;
 use anyhow::{Context, Result};
 use serde::Serialize;
 
@@ -98,16 +99,30 @@ pub fn measure<T>(work: impl FnOnce() -> Result<T>) -> Result<(T, Measured)> {
     Ok((out, Measured::new(wall, cpu, cores())))
 }
 
+/// Resource use as `getrusage(who)` gives it (`RUSAGE_SELF`, `RUSAGE_CHILDREN`).
+pub fn usage(who: libc::c_int) -> Option<OwnUsage> {
+    // SAFETY: getrusage fills the struct it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(who, &mut ru) } != 0 {
+        return None;
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    Some(OwnUsage {
+        max_rss_kib: ru.ru_maxrss as u64,
+        user_s: secs(ru.ru_utime),
+        system_s: secs(ru.ru_stime),
+    })
+}
+
 /// CPU seconds (user + system) of this process's waited-for children so far: a
 /// program run on the host (DKMS and its make) with everything it waited for.
 pub fn children_cpu_s() -> f64 {
-    // SAFETY: getrusage fills the struct it is given.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    if unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) } != 0 {
-        return 0.0;
-    }
-    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    secs(ru.ru_utime) + secs(ru.ru_stime)
+    usage(libc::RUSAGE_CHILDREN).map_or(0.0, |u| u.user_s + u.system_s)
+}
+
+/// User and system CPU seconds of this process so far.
+pub fn own_cpu_s() -> f64 {
+    usage(libc::RUSAGE_SELF).map_or(0.0, |u| u.user_s + u.system_s)
 }
 
 /// The median (the mean of the middle two for an even count); 0 for none.

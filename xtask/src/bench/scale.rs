@@ -11,6 +11,7 @@ use std::time::Instant;
 use anyhow::{Result, bail};
 use serde::Serialize;
 
+use crate::bench::cpu::own_cpu_s;
 use crate::config::Config;
 use crate::host::engine::Engine;
 use crate::plan::{JobKind, Plan, Scope, inputs};
@@ -161,17 +162,6 @@ fn put(path: &Path, data: impl AsRef<[u8]>) -> Result<()> {
         crate::host::fs::create_dir_all(dir)?;
     }
     crate::host::fs::write(path, data)
-}
-
-/// User and system CPU seconds of this process so far.
-fn own_cpu_s() -> f64 {
-    // SAFETY: getrusage fills the struct it is given.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
-        return 0.0;
-    }
-    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    secs(ru.ru_utime) + secs(ru.ru_stime)
 }
 
 #[cfg(test)]

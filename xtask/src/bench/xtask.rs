@@ -35,16 +35,8 @@ pub fn write_own_usage() {
     let Some(path) = std::env::var_os(RUSAGE_ENV) else {
         return;
     };
-    // SAFETY: getrusage fills the struct it is given.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+    let Some(usage) = crate::bench::cpu::usage(libc::RUSAGE_SELF) else {
         return;
-    }
-    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    let usage = OwnUsage {
-        max_rss_kib: ru.ru_maxrss as u64,
-        user_s: secs(ru.ru_utime),
-        system_s: secs(ru.ru_stime),
     };
     let _ = crate::host::fs::write_json(Path::new(&path), &usage);
 }

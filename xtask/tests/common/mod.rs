@@ -71,6 +71,17 @@ impl Project {
         fs::remove_dir_all(self.path().join("modules").join(name)).unwrap();
     }
 
+    /// Removes every module folder but `keep` (files such as modules/.gitignore stay).
+    pub fn keep_modules(&self, keep: &[&str]) {
+        for entry in fs::read_dir(self.path().join("modules")).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_str().unwrap();
+            if path.is_dir() && !keep.contains(&name) {
+                fs::remove_dir_all(&path).unwrap();
+            }
+        }
+    }
+
     pub fn out(&self) -> PathBuf {
         self.path().join("out")
     }
