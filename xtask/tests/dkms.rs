@@ -114,18 +114,18 @@ fn outcome(
         .join("modules")
         .join(case)
         .join("artifacts");
-    let rec: serde_json::Value = serde_json::from_str(
+    let records: serde_json::Value = serde_json::from_str(
         &fs::read_to_string(
             p.out()
                 .join(".kmodforge/kernels")
                 .join(kver)
-                .join("modules")
-                .join(case)
-                .join("record.json"),
+                .join("compiles.json"),
         )
-        .unwrap_or_else(|e| panic!("{case} @ {kver}: no record ({e})\n{}", r.all())),
+        .unwrap_or_else(|e| panic!("{case} @ {kver}: no records ({e})\n{}", r.all())),
     )
     .unwrap();
+    let rec = &records[case];
+    assert!(rec.is_object(), "{case} @ {kver}: no record\n{}", r.all());
     let files = rec["modules"]
         .as_array()
         .unwrap()

@@ -295,8 +295,17 @@ fn incremental(r: &Report, line: &mut impl FnMut(String)) {
 fn scale(r: &Report, line: &mut impl FnMut(String)) {
     let s = &r.scale;
     line(format!(
-        "\nsynthetic {} kernels x {} modules ({} jobs), no builds: config {:.3} s, plan {:.3} s, fingerprints {:.3} s, no-op check {:.3} s; total {:.3} s",
-        s.kernels, s.modules, s.jobs, s.config_s, s.plan_s, s.fingerprints_s, s.check_s, s.total_s
+        "\nsynthetic {} kernels x {} modules ({} jobs), no builds: config {:.3} s, plan {:.3} s, fingerprints {:.3} s, no-op check {:.3} s; total {:.3} s (median of {} runs, slowest {:.3} s)",
+        s.kernels,
+        s.modules,
+        s.jobs,
+        s.config_s,
+        s.plan_s,
+        s.fingerprints_s,
+        s.check_s,
+        s.total_s,
+        s.runs,
+        s.slowest_s
     ));
     line(
         "projection from this run's per-job CPU times (a fluid model, other load left out):".into(),

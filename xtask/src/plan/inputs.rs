@@ -14,19 +14,20 @@ use std::collections::BTreeMap;
 use anyhow::Result;
 
 use crate::config::modules::Module;
-use crate::config::{Config, ImageBase};
+use crate::config::{Config, ImageBase, Toolchain};
 use crate::plan::{JobKind, Plan};
 use crate::run::fingerprint::Fingerprint;
 use crate::steps::toolchain;
 
-/// Every job's fingerprint, in plan order. Each module folder is read once, however
-/// many kernels build it (a no-op run of 200 kernels must not hash it 200 times).
+/// Every job's fingerprint, in plan order. Each module folder and each toolchain
+/// recipe is read once, however many kernels use it (a no-op run of 200 kernels must
+/// not hash a folder 200 times).
 pub fn fingerprints(plan: &Plan) -> Result<Vec<String>> {
     let mut out: Vec<String> = Vec::with_capacity(plan.jobs.len());
-    let mut trees = BTreeMap::new();
+    let mut read = ReadOnce::default();
     for job in &plan.jobs {
         let mut f = Fingerprint::new(&format!("{}-v2", job.kind.step()));
-        own_inputs(plan, &job.kind, &mut f, &mut trees)?;
+        own_inputs(plan, &job.kind, &mut f, &mut read)?;
         for d in job.deps.iter().chain(&job.after) {
             f.field("dep", &out[*d]);
         }
@@ -35,25 +36,35 @@ pub fn fingerprints(plan: &Plan) -> Result<Vec<String>> {
     Ok(out)
 }
 
-/// A module folder's files as one digest, computed once per folder.
-fn module_tree(
-    dir: &std::path::Path,
-    trees: &mut BTreeMap<std::path::PathBuf, String>,
-) -> Result<String> {
-    if let Some(d) = trees.get(dir) {
-        return Ok(d.clone());
-    }
-    let digest = Fingerprint::new("module-tree").module_tree(dir)?.finish();
-    trees.insert(dir.to_path_buf(), digest.clone());
-    Ok(digest)
+/// What one pass over the plan has read: module folders' digests by folder, recipe
+/// files by toolchain.
+#[derive(Default)]
+struct ReadOnce {
+    trees: BTreeMap<std::path::PathBuf, String>,
+    recipes: BTreeMap<String, toolchain::RecipeFiles>,
 }
 
-fn own_inputs(
-    plan: &Plan,
-    kind: &JobKind,
-    f: &mut Fingerprint,
-    trees: &mut BTreeMap<std::path::PathBuf, String>,
-) -> Result<()> {
+impl ReadOnce {
+    /// A module folder's files as one digest.
+    fn module_tree(&mut self, dir: &std::path::Path) -> Result<String> {
+        if let Some(d) = self.trees.get(dir) {
+            return Ok(d.clone());
+        }
+        let digest = Fingerprint::new("module-tree").module_tree(dir)?.finish();
+        self.trees.insert(dir.to_path_buf(), digest.clone());
+        Ok(digest)
+    }
+
+    fn toolchain(&mut self, tc: &Toolchain, kver: &str) -> Result<String> {
+        if !self.recipes.contains_key(&tc.name) {
+            let files = toolchain::RecipeFiles::read(tc)?;
+            self.recipes.insert(tc.name.clone(), files);
+        }
+        toolchain::fingerprint_with(tc, kver, &self.recipes[&tc.name])
+    }
+}
+
+fn own_inputs(plan: &Plan, kind: &JobKind, f: &mut Fingerprint, read: &mut ReadOnce) -> Result<()> {
     let config = plan.config;
     if let Some(k) = kind.kernel() {
         f.field("kernel", plan.kernels[k].kver());
@@ -67,10 +78,7 @@ fn own_inputs(
         }
         JobKind::Toolchain { kernel } => {
             let kp = &plan.kernels[*kernel];
-            f.field(
-                "toolchain",
-                &toolchain::fingerprint(kp.toolchain, kp.kver())?,
-            );
+            f.field("toolchain", &read.toolchain(kp.toolchain, kp.kver())?);
         }
         JobKind::Packages { kernel, set } => {
             for p in &plan.kernels[*kernel].package_sets[*set] {
@@ -80,7 +88,7 @@ fn own_inputs(
         JobKind::Compile { kernel, module } => {
             let m = plan.kernels[*kernel].modules[*module];
             f.field("module", &m.name);
-            f.field("tree", &module_tree(&m.dir, trees)?);
+            f.field("tree", &read.module_tree(&m.dir)?);
             // The certificate, never the key: a new certificate signs anew.
             if let Some(s) = &config.signing {
                 f.field("signing-cert", &s.cert_sha256);

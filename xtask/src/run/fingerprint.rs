@@ -63,13 +63,6 @@ impl Fingerprint {
         Ok(self)
     }
 
-    pub fn file(&mut self, name: &str, path: &Path) -> Result<&mut Self> {
-        let bytes =
-            fs::read(path).with_context(|| format!("cannot read {}", display_path(path)))?;
-        self.field(name, &String::from_utf8_lossy(&bytes));
-        Ok(self)
-    }
-
     /// Adds a file's bytes, exactly (binary files: firmware).
     pub fn contents(&mut self, path: &Path) -> Result<&mut Self> {
         let bytes =

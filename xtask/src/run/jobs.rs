@@ -19,7 +19,7 @@ use crate::run::pipeline::Options;
 use crate::run::progress::Status;
 use crate::run::results::Results;
 use crate::steps::builder;
-use crate::steps::compile::{Compile, MakeJobs, Record};
+use crate::steps::compile::{Compile, MakeJobs, Record, Records};
 use crate::steps::image::{BuiltImage, LayerRecord, Provenance};
 use crate::steps::image_base::BaseImage;
 use crate::steps::toolchain::{self, Facts};
@@ -45,6 +45,9 @@ pub struct Context<'a> {
     pub provenance: Option<Provenance>,
     /// Each kernel's toolchain, once its job has probed it.
     facts: Vec<OnceLock<Facts>>,
+    /// Each kernel's compile records as the run found them, read once for the
+    /// freshness checks of all its compiles.
+    records: Vec<OnceLock<Records>>,
     /// The derived toolchains, by (kernel, package set).
     derived: Mutex<BTreeMap<(usize, usize), Facts>>,
     base: OnceLock<BaseImage>,
@@ -75,6 +78,7 @@ impl<'a> Context<'a> {
             fingerprints,
             provenance,
             facts: (0..n).map(|_| OnceLock::new()).collect(),
+            records: (0..n).map(|_| OnceLock::new()).collect(),
             derived: Mutex::new(BTreeMap::new()),
             base: OnceLock::new(),
             images: (0..n).map(|_| OnceLock::new()).collect(),
@@ -533,8 +537,10 @@ impl<'a> Context<'a> {
                 if let Some(why) = self.plan.config.cannot_build(kp.kernel, m) {
                     return Some(Status::Skipped(why));
                 }
-                Record::fresh(self.layout, kp.kver(), &m.name, fp)
-                    .map(|r| r.skipped.map_or(Status::Fresh, Status::Skipped))
+                self.records[*kernel]
+                    .get_or_init(|| Records::load(self.layout, kp.kver()))
+                    .fresh(self.layout, kp.kver(), &m.name, fp)
+                    .map(|r| r.skipped.clone().map_or(Status::Fresh, Status::Skipped))
             }
             JobKind::Depmod { kernel } => {
                 depmod::is_fresh(self.layout, self.kver(*kernel), fp).then_some(Status::Fresh)

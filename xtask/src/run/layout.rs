@@ -6,7 +6,8 @@
 //! <out>/<kver>/lib/modules/<kver>/*.ko, modules.dep, ...   what the kmod image holds
 //! <out>/logs/<kver>/{toolchain,<module>,depmod}.log        one log per job
 //! <out>/.kmodforge/lock
-//! <out>/.kmodforge/kernels/<kver>/modules/<module>/{record.json,artifacts/}
+//! <out>/.kmodforge/kernels/<kver>/compiles.json          every module's compile record
+//! <out>/.kmodforge/kernels/<kver>/modules/<module>/{artifacts/,phases.json}
 //! <out>/.kmodforge/kernels/<kver>/work/<module>/           the last build tree
 //! <out>/.kmodforge/kernels/<kver>/depmod.json
 //! <out>/.kmodforge/toolchains/<fingerprint>.json           what the toolchain probe found

@@ -10,7 +10,7 @@ use anyhow::Result;
 use crate::config::modules::Module;
 use crate::plan::{JobKind, Plan, inputs};
 use crate::run::layout::Layout;
-use crate::steps::compile::Record;
+use crate::steps::compile::{Record, Records};
 
 /// One module folder's outcome for one kernel.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -48,6 +48,11 @@ impl Results {
             .iter()
             .map(|kp| vec![Outcome::NotBuilt; kp.modules.len()])
             .collect();
+        let records: Vec<Records> = plan
+            .kernels
+            .iter()
+            .map(|kp| Records::load(layout, kp.kver()))
+            .collect();
         for (job, fp) in plan.jobs.iter().zip(fingerprints) {
             let JobKind::Compile { kernel, module } = job.kind else {
                 continue;
@@ -56,13 +61,13 @@ impl Results {
             let m = kp.modules[module];
             outcomes[kernel][module] = match plan.config.cannot_build(kp.kernel, m) {
                 Some(why) => Outcome::Skipped(why),
-                None => match Record::fresh(layout, kp.kver(), &m.name, fp) {
+                None => match records[kernel].fresh(layout, kp.kver(), &m.name, fp) {
                     Some(Record {
                         skipped: Some(why), ..
-                    }) => Outcome::Skipped(why),
+                    }) => Outcome::Skipped(why.clone()),
                     Some(r) => Outcome::Built {
-                        modules: r.modules,
-                        location: r.location,
+                        modules: r.modules.clone(),
+                        location: r.location.clone(),
                     },
                     None => Outcome::NotBuilt,
                 },
@@ -103,7 +108,6 @@ impl Results {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::host::fs::write_json;
     use crate::plan::Scope;
 
     #[test]
@@ -146,7 +150,7 @@ mod tests {
             if name == "never" {
                 continue;
             }
-            write_json(&Record::path(&layout, kver, name), &record).unwrap();
+            record.save(&layout, kver, name).unwrap();
             let artifacts = layout.artifacts(kver, name);
             for file in [artifacts.join(&ko), artifacts.join("unstripped").join(&ko)] {
                 crate::host::fs::write_atomic(&file, b"ko").unwrap();

@@ -16,11 +16,11 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
+use crate::config::diag::display_path;
 use crate::formats::modinfo::ModInfo;
 use crate::formats::oci::sha256;
 use crate::host::engine::{Engine, Mount, Run};
 use crate::host::fs::{copy_file, read_json, replace_dir, write_json};
-use crate::run::fingerprint::walk_files;
 use crate::run::layout::Layout;
 use crate::steps::compile::Record;
 
@@ -63,16 +63,32 @@ fn files_path(layout: &Layout, kver: &str) -> PathBuf {
     layout.kernel_state(kver).join("depmod-files.json")
 }
 
-/// The regular files of a tree (symbolic links, such as the host link, left out).
+/// The regular files of a tree (symbolic links, such as the host link, left out), sorted
+/// by path. Each is looked at relative to its open folder (a no-op run does this for
+/// every file of every kernel's tree).
 fn regular_files(dir: &Path) -> Result<Vec<(String, std::fs::Metadata)>> {
     let mut out = Vec::new();
-    for rel in walk_files(dir)? {
-        let meta = std::fs::symlink_metadata(dir.join(&rel))?;
-        if !meta.file_type().is_symlink() {
-            out.push((rel.to_string_lossy().into_owned(), meta));
+    let mut folders = vec![PathBuf::new()];
+    while let Some(rel) = folders.pop() {
+        let abs = dir.join(&rel);
+        let list = std::fs::read_dir(&abs)
+            .with_context(|| format!("cannot list {}", display_path(&abs)))?;
+        for entry in list {
+            let entry = entry?;
+            let kind = entry.file_type()?;
+            let child = rel.join(entry.file_name());
+            if kind.is_dir() {
+                folders.push(child);
+            } else if !kind.is_symlink() {
+                out.push((child, entry.metadata()?));
+            }
         }
     }
-    Ok(out)
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out
+        .into_iter()
+        .map(|(rel, meta)| (rel.to_string_lossy().into_owned(), meta))
+        .collect())
 }
 
 /// A digest of every file's name, size and modification time: what a tree left alone

@@ -41,14 +41,41 @@ pub struct Facts {
 
 /// The identity of a kernel's toolchain: what goes into building (or naming) its image.
 pub fn fingerprint(tc: &Toolchain, kver: &str) -> Result<String> {
+    fingerprint_with(tc, kver, &RecipeFiles::read(tc)?)
+}
+
+/// A recipe's files (the Containerfile, then what it copies), as fingerprints take
+/// them: read once for all the kernels a toolchain serves.
+#[derive(Default)]
+pub struct RecipeFiles(Vec<(String, String)>);
+
+impl RecipeFiles {
+    pub fn read(tc: &Toolchain) -> Result<RecipeFiles> {
+        let ToolchainSource::Recipe(r) = &tc.source else {
+            return Ok(RecipeFiles::default());
+        };
+        let text = |path: &Path| -> Result<String> {
+            let bytes = crate::host::fs::read(path)?;
+            Ok(String::from_utf8_lossy(&bytes).into_owned())
+        };
+        let mut files = vec![("recipe".to_string(), text(&r.containerfile)?)];
+        for rel in context_files(&r.containerfile, &r.context)? {
+            let t = text(&r.context.join(&rel))?;
+            files.push((rel, t));
+        }
+        Ok(RecipeFiles(files))
+    }
+}
+
+/// [`fingerprint`], with the recipe's files already read.
+pub fn fingerprint_with(tc: &Toolchain, kver: &str, files: &RecipeFiles) -> Result<String> {
     let mut f = Fingerprint::new("toolchain-v1");
     f.field("kernel", kver)
         .field("kernel_source_dir", &tc.kernel_source_dir);
     match &tc.source {
         ToolchainSource::Recipe(r) => {
-            f.file("recipe", &r.containerfile)?;
-            for rel in context_files(&r.containerfile, &r.context)? {
-                f.file(&rel, &r.context.join(&rel))?;
+            for (name, text) in &files.0 {
+                f.field(name, text);
             }
             for (k, v) in &r.build_args {
                 f.field(k, v);

@@ -15,97 +15,29 @@
 //! ([`Phases`]).
 
 mod phases;
+mod record;
 
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use anyhow::{Context, Result, bail};
-use serde::{Deserialize, Serialize};
 
 use crate::config::diag::display_path;
 use crate::config::modules::{Build, Language, Module, make_vars};
 use crate::config::signing::Signing;
 use crate::formats::modinfo::check_vermagic;
 use crate::host::engine::{Engine, Mount, Run};
-use crate::host::fs::{copy_file, read_json, replace_dir, write_json};
+use crate::host::fs::{copy_file, replace_dir};
 use crate::run::jobserver::Jobserver;
 use crate::run::layout::Layout;
 pub use phases::Phases;
+pub use record::{Record, Records};
 
 const SRC: &str = "/kmodforge/src";
 const BUILD: &str = "/kmodforge/build";
 const OUT: &str = "/kmodforge/out";
 const DEPS: &str = "/kmodforge/deps";
 const DRIVER: &str = include_str!("driver.sh");
-
-/// What the last successful run of a (kernel, module) job produced.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Record {
-    pub fingerprint: String,
-    /// The `.ko` file names kept in the artifacts directory.
-    pub modules: Vec<String>,
-    /// Where they go under `lib/modules/<kver>/` ("" for the top; `updates/dkms` for a
-    /// DKMS package, as Debian's DKMS installs them).
-    #[serde(default)]
-    pub location: String,
-    /// Why the module was skipped for this kernel, if it was.
-    pub skipped: Option<String>,
-    /// A DKMS package's PACKAGE_NAME and PACKAGE_VERSION.
-    #[serde(default)]
-    pub package: Option<(String, String)>,
-    /// Bytes of the kept (stripped) files and of the unstripped ones.
-    #[serde(default)]
-    pub bytes: u64,
-    #[serde(default)]
-    pub unstripped_bytes: u64,
-}
-
-impl Record {
-    pub fn path(layout: &Layout, kver: &str, module: &str) -> PathBuf {
-        layout.module_state(kver, module).join("record.json")
-    }
-
-    /// The last successful run's record, whatever its inputs.
-    pub fn load(layout: &Layout, kver: &str, module: &str) -> Option<Record> {
-        read_json(&Record::path(layout, kver, module))
-    }
-
-    /// The last record when it matches `fingerprint` and its files are still there.
-    pub fn fresh(layout: &Layout, kver: &str, module: &str, fingerprint: &str) -> Option<Record> {
-        let rec = Record::load(layout, kver, module)?;
-        let artifacts = layout.artifacts(kver, module);
-        // Sizes are cheap to check and catch a truncated or replaced file; depmod needs
-        // the unstripped twins too.
-        let sizes: Option<u64> = rec
-            .modules
-            .iter()
-            .map(|m| std::fs::metadata(artifacts.join(m)).ok().map(|md| md.len()))
-            .sum();
-        let twins = rec
-            .modules
-            .iter()
-            .all(|m| artifacts.join("unstripped").join(m).is_file());
-        let complete = rec.skipped.is_some()
-            || (twins && sizes.is_some_and(|total| rec.bytes == 0 || total == rec.bytes));
-        (rec.fingerprint == fingerprint && complete).then_some(rec)
-    }
-
-    fn save(&self, layout: &Layout, kver: &str, module: &str) -> Result<()> {
-        write_json(&Record::path(layout, kver, module), self)
-    }
-
-    fn skipped(fingerprint: &str, reason: String) -> Record {
-        Record {
-            fingerprint: fingerprint.into(),
-            modules: vec![],
-            location: String::new(),
-            skipped: Some(reason),
-            package: None,
-            bytes: 0,
-            unstripped_bytes: 0,
-        }
-    }
-}
 
 /// The command that builds a module of kmodforge's own, with its variables expanded.
 pub fn make_command(make: Option<&[String]>, kver: &str, kdir: &str) -> Vec<String> {
