@@ -10,9 +10,8 @@
 
 use std::time::Instant;
 
-use crate::bench::xtask::OwnUsage;
 use anyhow::{Context, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Busy clock ticks of all CPUs from `/proc/stat`'s `cpu` line.
 pub fn busy_ticks(proc_stat: &str) -> Option<u64> {
@@ -97,6 +96,14 @@ pub fn measure<T>(work: impl FnOnce() -> Result<T>) -> Result<(T, Measured)> {
     let wall = started.elapsed().as_secs_f64();
     let cpu = read_busy()?.saturating_sub(busy) as f64 / ticks_per_second();
     Ok((out, Measured::new(wall, cpu, cores())))
+}
+
+/// A process's own resource use, as `getrusage(RUSAGE_SELF)` gives it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct OwnUsage {
+    pub max_rss_kib: u64,
+    pub user_s: f64,
+    pub system_s: f64,
 }
 
 /// Resource use as `getrusage(who)` gives it (`RUSAGE_SELF`, `RUSAGE_CHILDREN`).

@@ -8,7 +8,7 @@
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
 use crate::bench::cpu::own_cpu_s;
@@ -146,11 +146,8 @@ fn make_fresh(path: &Path) -> Result<()> {
                 put(&artifact, &ko)?;
                 // The unstripped twin a real build keeps beside it (depmod reads it).
                 let twin = layout.artifacts(kver, name).join("unstripped").join(&file);
-                crate::host::fs::create_dir_all(&layout.artifacts(kver, name).join("unstripped"))?;
-                std::fs::hard_link(&artifact, &twin)?;
-                let staged = layout.staging_modules(kver).join(&file);
-                crate::host::fs::create_dir_all(&layout.staging_modules(kver))?;
-                std::fs::hard_link(&artifact, &staged)?;
+                link(&artifact, &twin)?;
+                link(&artifact, &layout.staging_modules(kver).join(&file))?;
                 let record = Record {
                     fingerprint: fp.clone(),
                     modules: vec![file],
@@ -186,6 +183,15 @@ fn make_fresh(path: &Path) -> Result<()> {
         r.save(&layout, kver)?;
     }
     Ok(())
+}
+
+/// Links `to` to the file `from`, making `to`'s folder first.
+fn link(from: &Path, to: &Path) -> Result<()> {
+    if let Some(dir) = to.parent() {
+        crate::host::fs::create_dir_all(dir)?;
+    }
+    std::fs::hard_link(from, to)
+        .with_context(|| format!("cannot link {} to {}", to.display(), from.display()))
 }
 
 /// Writes a file, making its folder first.

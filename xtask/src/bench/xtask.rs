@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use serde::{Deserialize, Serialize};
 
+use crate::bench::cpu::OwnUsage;
 use crate::bench::workload::Project;
 use crate::config::Config;
 use crate::host::engine::EngineKind;
@@ -20,14 +20,6 @@ use crate::steps::compile::Phases;
 
 /// The environment variable that asks kmodforge to write its own resource use at exit.
 pub const RUSAGE_ENV: &str = "KMODFORGE_RUSAGE_FILE";
-
-/// A process's own resource use, as `getrusage(RUSAGE_SELF)` gives it.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct OwnUsage {
-    pub max_rss_kib: u64,
-    pub user_s: f64,
-    pub system_s: f64,
-}
 
 /// Writes this process's resource use to the file `KMODFORGE_RUSAGE_FILE` names, if any
 /// (called as kmodforge exits).

@@ -19,7 +19,7 @@ use crate::run::pipeline::Options;
 use crate::run::progress::Status;
 use crate::run::results::Results;
 use crate::steps::builder;
-use crate::steps::compile::{Compile, MakeJobs, Record, Records};
+use crate::steps::compile::{Compile, MakeJobs, Records};
 use crate::steps::image::{BuiltImage, LayerRecord, Provenance};
 use crate::steps::image_base::BaseImage;
 use crate::steps::toolchain::{self, Facts};
@@ -276,12 +276,14 @@ impl<'a> Context<'a> {
         let kp = &self.plan.kernels[k];
         let mut built = Vec::new();
         let mut missing = Vec::new();
+        let records = Records::load(self.layout, kp.kver());
         for (m, status) in kp.modules.iter().zip(compiles) {
             match status {
                 Status::Done | Status::Fresh => {
-                    let rec = Record::load(self.layout, kp.kver(), &m.name)
+                    let rec = records
+                        .get(&m.name)
                         .with_context(|| format!("no build record for {}", m.name))?;
-                    built.push((m.name.clone(), rec));
+                    built.push((m.name.clone(), rec.clone()));
                 }
                 Status::Skipped(_) => {}
                 _ => missing.push(m.name.as_str()),

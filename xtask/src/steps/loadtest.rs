@@ -33,7 +33,7 @@ use crate::formats::oci::{FileSystem, Node};
 use crate::host::fs::{read_json, write_atomic, write_json};
 use crate::host::process::{Cmd, quote, which};
 use crate::run::layout::Layout;
-use crate::steps::compile::Record;
+use crate::steps::compile::Records;
 use crate::steps::image::LayerRecord;
 use crate::steps::kernel_files::KernelFiles;
 
@@ -216,9 +216,11 @@ pub struct Hint {
 /// to every `.ko` it covers.
 fn hints(config: &Config, layout: &Layout, kver: &str) -> BTreeMap<String, Hint> {
     let mut out = BTreeMap::new();
+    let records = Records::load(layout, kver);
     for m in &config.modules {
-        let kos = Record::load(layout, kver, &m.name)
-            .map(|r| r.modules)
+        let kos = records
+            .get(&m.name)
+            .map(|r| r.modules.clone())
             .filter(|k| !k.is_empty())
             .unwrap_or_else(|| vec![format!("{}.ko", m.name)]);
         for ko in kos {

@@ -25,7 +25,7 @@ use crate::config::modules::{Language, Module};
 use crate::plan::{JobKind, Plan, inputs};
 use crate::run::layout::Layout;
 use crate::run::results::{Outcome, Results};
-use crate::steps::compile::Record;
+use crate::steps::compile::Records;
 use crate::steps::publish::PushRecord;
 
 use self::load::{Folder, LoadSpec};
@@ -174,7 +174,8 @@ fn module<'a>(
         if built.len() != folders.len() {
             continue;
         }
-        let this = kernel_spec(layout, kp.kver(), &built)?;
+        let records = Records::load(layout, kp.kver());
+        let this = kernel_spec(layout, kp.kver(), &records, &built)?;
         match &spec {
             Some((first, at)) if *first != this => bail!(
                 "{} builds different modules for {at} ({}) and {} ({}): KMM loads the same ones on every kernel\n  help: set [kmm] module in its module.toml, or split the folder",
@@ -200,14 +201,20 @@ fn module<'a>(
 }
 
 /// The load spec of `folders[0]` with the others, from what they built for `kver`.
-fn kernel_spec(layout: &Layout, kver: &str, folders: &[&Module]) -> Result<LoadSpec> {
+fn kernel_spec(
+    layout: &Layout,
+    kver: &str,
+    records: &Records,
+    folders: &[&Module],
+) -> Result<LoadSpec> {
     let mut read = Vec::new();
     for f in folders {
-        let record = Record::load(layout, kver, &f.name)
+        let record = records
+            .get(&f.name)
             .ok_or_else(|| anyhow::anyhow!("no build record of {} for {kver}", f.name))?;
         read.push(Folder {
             module: f,
-            kos: load::kos(layout, kver, &f.name, &record)?,
+            kos: load::kos(layout, kver, &f.name, record)?,
         });
     }
     let (top, deps) = read.split_first().expect("a folder and its dependencies");
@@ -336,10 +343,11 @@ pub fn load_spec(config: &Config, layout: &Layout, kver: &str, m: &Module) -> Op
         return None;
     }
     let folders = closure(config, m);
+    let records = Records::load(layout, kver);
     let built = folders
         .iter()
-        .all(|f| Record::load(layout, kver, &f.name).is_some_and(|r| r.skipped.is_none()));
+        .all(|f| records.get(&f.name).is_some_and(|r| r.skipped.is_none()));
     built
-        .then(|| kernel_spec(layout, kver, &folders).ok())
+        .then(|| kernel_spec(layout, kver, &records, &folders).ok())
         .flatten()
 }

@@ -58,6 +58,11 @@ impl Records {
         read_json(&Records::path(layout, kver)).unwrap_or_default()
     }
 
+    /// `module`'s record, whatever its inputs.
+    pub fn get(&self, module: &str) -> Option<&Record> {
+        self.0.get(module)
+    }
+
     /// Replaces the kernel's file with these records.
     pub fn save(&self, layout: &Layout, kver: &str) -> Result<()> {
         write_json(&Records::path(layout, kver), self)
@@ -71,7 +76,7 @@ impl Records {
         module: &str,
         fingerprint: &str,
     ) -> Option<&Record> {
-        let rec = self.0.get(module)?;
+        let rec = self.get(module)?;
         if rec.fingerprint != fingerprint {
             return None;
         }
@@ -93,11 +98,6 @@ impl Records {
 }
 
 impl Record {
-    /// The last successful run's record, whatever its inputs.
-    pub fn load(layout: &Layout, kver: &str, module: &str) -> Option<Record> {
-        Records::load(layout, kver).0.remove(module)
-    }
-
     /// Keeps this as `module`'s record, the kernel's other records as they are.
     pub fn save(&self, layout: &Layout, kver: &str, module: &str) -> Result<()> {
         let _one = SAVING.lock().unwrap_or_else(|e| e.into_inner());
